@@ -1,0 +1,39 @@
+"""Exceptions raised by numba_lora.
+
+Every error derives from :class:`LoraError`, so ``except LoraError`` catches
+them all; each also derives from the built-in exception a NumPy user would
+expect, so ``except ValueError`` keeps working.
+"""
+
+__all__ = [
+    "LoraError",
+    "LoraConfigError",
+    "LoraShapeError",
+    "LoraDtypeError",
+    "LoraStateError",
+    "LoraNonFiniteError",
+]
+
+
+class LoraError(Exception):
+    """Base class of every numba_lora error."""
+
+
+class LoraConfigError(LoraError, ValueError):
+    """A configuration value (rank, alpha, ...) is out of range."""
+
+
+class LoraShapeError(LoraError, ValueError):
+    """An array has the wrong number of dimensions or the wrong size."""
+
+
+class LoraDtypeError(LoraError, ValueError):
+    """An array has a dtype numba_lora cannot use."""
+
+
+class LoraStateError(LoraError, RuntimeError):
+    """The operation does not fit the layer's state (merge twice, ...)."""
+
+
+class LoraNonFiniteError(LoraError, FloatingPointError):
+    """A checked merge would have produced NaN or infinity; W is unchanged."""

@@ -1,0 +1,380 @@
+"""``LoraLinear``: a frozen linear layer with a low-rank update.
+
+The class holds state, validation and dtype/shape policy; every piece of
+arithmetic is one call into :mod:`numba_lora.kernels`.
+"""
+
+import math
+
+import numpy as np
+
+from . import kernels
+from ._validate import (
+    as_factor,
+    as_real_array,
+    as_weight,
+    check_alpha,
+    check_out,
+    check_rank,
+    check_shape,
+)
+from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraStateError
+
+__all__ = ["LoraLinear"]
+
+
+def _readonly(array):
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+class LoraLinear:
+    """A linear layer ``y = W x + scaling * B (A x)`` with frozen ``W``.
+
+    Parameters
+    ----------
+    weight : array_like, shape (out_features, in_features)
+        Base weight.  The layer keeps its own C-contiguous copy.  float32 and
+        float64 are kept as they are, float16 is widened to float32; other
+        dtypes raise :class:`~numba_lora.LoraDtypeError`.
+    rank : int
+        Rank of the update, ``1 <= rank <= min(out_features, in_features)``.
+    alpha : float
+        Finite and > 0; ``scaling = alpha / rank``.
+    seed : int, numpy.random.Generator or None, optional
+        Source of ``lora_a``'s initial values, passed to
+        :func:`numpy.random.default_rng`.
+    use_rslora : bool, optional
+        Rank-stabilised scaling, ``alpha / sqrt(rank)``.
+
+    Attributes
+    ----------
+    weight : ndarray, shape (out_features, in_features)
+        Read-only view of the current W (with the update in it while merged).
+    lora_a : ndarray, shape (rank, in_features)
+        Read-only view of A.  Starts Kaiming-uniform (``a = sqrt(5)``), i.e.
+        uniform on ``[-1/sqrt(in_features), 1/sqrt(in_features)]``.
+    lora_b : ndarray, shape (out_features, rank)
+        Read-only view of B.  Starts at zero, so a new layer computes ``W x``.
+
+    Notes
+    -----
+    While disabled the layer computes ``W_base x`` in every state.  While
+    merged and disabled it computes ``W_merged x - scaling * B (A x)``, which
+    equals ``W_base x`` up to rounding, without touching W.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import LoraLinear
+    >>> layer = LoraLinear(np.eye(4, dtype=np.float32), rank=2, alpha=4.0, seed=0)
+    >>> layer(np.ones(4, dtype=np.float32))
+    array([1., 1., 1., 1.], dtype=float32)
+    >>> layer.trainable_params, layer.total_params
+    (16, 32)
+    """
+
+    def __init__(self, weight, rank, alpha, *, seed=None, use_rslora=False):
+        rank = check_rank(rank)
+        alpha = check_alpha(alpha)
+        W = as_weight(weight)
+        out_features, in_features = W.shape
+        if rank > min(out_features, in_features):
+            raise LoraConfigError(
+                f"rank must be <= min(out_features, in_features) = "
+                f"{min(out_features, in_features)} for weight of shape {W.shape}, got {rank}"
+            )
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(in_features)
+        # Drawn in float64 and rounded once, so float32 and float64 layers
+        # with the same seed start from the same numbers.
+        A = rng.uniform(-bound, bound, size=(rank, in_features)).astype(W.dtype)
+        self._W = W
+        self._A = A
+        self._B = np.zeros((out_features, rank), dtype=W.dtype)
+        self._rank = rank
+        self._alpha = alpha
+        self._use_rslora = bool(use_rslora)
+        self._scaling = alpha / (math.sqrt(rank) if self._use_rslora else rank)
+        self._merged = False
+        self._enabled = True
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def in_features(self):
+        """int: Length of an input vector."""
+        return self._W.shape[1]
+
+    @property
+    def out_features(self):
+        """int: Length of an output vector."""
+        return self._W.shape[0]
+
+    @property
+    def rank(self):
+        """int: Rank of the low-rank update."""
+        return self._rank
+
+    @property
+    def alpha(self):
+        """float: LoRA alpha."""
+        return self._alpha
+
+    @property
+    def use_rslora(self):
+        """bool: Whether ``scaling = alpha / sqrt(rank)``."""
+        return self._use_rslora
+
+    @property
+    def scaling(self):
+        """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return self._scaling
+
+    @property
+    def dtype(self):
+        """numpy.dtype: The layer's dtype (float32 or float64)."""
+        return self._W.dtype
+
+    # ------------------------------------------------------------- parameters
+    @property
+    def weight(self):
+        """ndarray: Read-only view of the current W (merged or not)."""
+        return _readonly(self._W)
+
+    @property
+    def lora_a(self):
+        """ndarray: Read-only view of A, shape (rank, in_features)."""
+        return _readonly(self._A)
+
+    @lora_a.setter
+    def lora_a(self, value):
+        self.set_lora_a(value)
+
+    @property
+    def lora_b(self):
+        """ndarray: Read-only view of B, shape (out_features, rank)."""
+        return _readonly(self._B)
+
+    @lora_b.setter
+    def lora_b(self, value):
+        self.set_lora_b(value)
+
+    def set_lora_a(self, a):
+        """Replace A with a copy of ``a``, shape (rank, in_features).
+
+        Real input of another dtype is converted to the layer's dtype.  While
+        merged, W is updated so that it stays ``W_base + scaling * B @ A_new``
+        (up to one rounding per element).
+
+        Raises
+        ------
+        LoraShapeError
+            If ``a`` has the wrong shape; the message names the dimension.
+        LoraDtypeError
+            If ``a`` does not hold real numbers.
+        """
+        new = as_factor(a, "lora_a", (self._rank, self.in_features),
+                        ("rank", "in_features"), self.dtype)
+        self._replace_factors(new, self._B)
+
+    def set_lora_b(self, b):
+        """Replace B with a copy of ``b``, shape (out_features, rank).
+
+        See :meth:`set_lora_a` for conversion, errors and the merged case.
+        """
+        new = as_factor(b, "lora_b", (self.out_features, self._rank),
+                        ("out_features", "rank"), self.dtype)
+        self._replace_factors(self._A, new)
+
+    def _replace_factors(self, A, B):
+        # Validation is done, so neither kernel call can fail half-way.
+        if self._merged:
+            kernels.unmerge(self._W, self._A, self._B, self._scaling)
+            kernels.merge(self._W, A, B, self._scaling)
+        self._A = A
+        self._B = B
+
+    @property
+    def trainable_params(self):
+        """int: ``rank * (in_features + out_features)``."""
+        return self._rank * (self.in_features + self.out_features)
+
+    @property
+    def total_params(self):
+        """int: ``in_features * out_features + trainable_params``."""
+        return self.in_features * self.out_features + self.trainable_params
+
+    @property
+    def compression_ratio(self):
+        """float: ``trainable_params / total_params``."""
+        return self.trainable_params / self.total_params
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_merged(self):
+        """bool: Whether the update is currently added into W."""
+        return self._merged
+
+    @property
+    def is_enabled(self):
+        """bool: Whether the update takes part in the output."""
+        return self._enabled
+
+    def enable(self):
+        """Let the low-rank update take part in the output again."""
+        self._enabled = True
+
+    def disable(self):
+        """Compute ``W_base x`` only, whether merged or not."""
+        self._enabled = False
+
+    def merge(self, *, check_finite=False):
+        """Add the update into W in place: ``W += scaling * B @ A``.
+
+        Afterwards the forward pass is a single dense product.  No W-sized
+        temporary is made.
+
+        Parameters
+        ----------
+        check_finite : bool, optional
+            First test, without writing, whether any element of the merged W
+            would be NaN or infinite (elements already non-finite in W count
+            too); if so, raise and leave W bit-identical.  Costs one extra
+            read of W and the delta's arithmetic.
+
+        Raises
+        ------
+        LoraStateError
+            If the layer is already merged.
+        LoraNonFiniteError
+            With ``check_finite=True``, if the merge would produce NaN or
+            infinity.  W is untouched.
+        """
+        if self._merged:
+            raise LoraStateError("cannot merge: the layer is already merged; call unmerge() first")
+        if check_finite:
+            bad = kernels.count_nonfinite_merged(self._W, self._A, self._B, self._scaling)
+            if bad:
+                raise LoraNonFiniteError(
+                    f"merge would leave {bad} of {self._W.size} weight elements NaN or "
+                    "infinite; W was left unchanged"
+                )
+        kernels.merge(self._W, self._A, self._B, self._scaling)
+        self._merged = True
+
+    def unmerge(self):
+        """Subtract the update from W in place: ``W -= scaling * B @ A``.
+
+        Subtracts bitwise the delta :meth:`merge` added, so each element ends
+        within one rounding of its value before the merge, and repeated
+        merge/unmerge cycles do not drift.
+
+        Raises
+        ------
+        LoraStateError
+            If the layer is not merged.
+        """
+        if not self._merged:
+            raise LoraStateError("cannot unmerge: the layer is not merged")
+        kernels.unmerge(self._W, self._A, self._B, self._scaling)
+        self._merged = False
+
+    def _kernel_scaling(self):
+        """The scaling the kernels apply on top of the current W."""
+        if self._merged:
+            return 0.0 if self._enabled else -self._scaling
+        return self._scaling if self._enabled else 0.0
+
+    # ---------------------------------------------------------------- forward
+    def _as_input(self, x, name):
+        array = as_real_array(x, name, self.dtype)
+        return np.asarray(array, order="C")
+
+    def forward(self, x, out=None):
+        """Apply the layer to one vector.
+
+        Parameters
+        ----------
+        x : array_like, shape (in_features,)
+            Input; real input of another dtype is converted to the layer's.
+        out : ndarray, shape (out_features,), optional
+            Where to write the result (layer dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray, shape (out_features,)
+            In the layer's dtype.
+        """
+        x = self._as_input(x, "x")
+        check_shape(x, (self.in_features,), "x", ("in_features",))
+        out = self._output((self.out_features,), out, x)
+        return kernels.forward(self._W, self._A, self._B, self._kernel_scaling(), x, out)
+
+    def forward_batch(self, X, out=None):
+        """Apply the layer to each row of a batch.
+
+        Parameters
+        ----------
+        X : array_like, shape (batch, in_features)
+            Input rows; ``batch`` may be 0.
+        out : ndarray, shape (batch, out_features), optional
+            Where to write the result (layer dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray, shape (batch, out_features)
+            In the layer's dtype.
+        """
+        X = self._as_input(X, "X")
+        check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        out = self._output((X.shape[0], self.out_features), out, X)
+        return kernels.forward_batch(self._W, self._A, self._B, self._kernel_scaling(), X, out)
+
+    def __call__(self, x, out=None):
+        """Apply the layer to ``x`` of shape (..., in_features).
+
+        Returns shape (..., out_features); see :meth:`forward_batch`.
+        """
+        x = self._as_input(x, "x")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise LoraShapeError(
+                f"x must have shape (..., in_features={self.in_features}), got {x.shape}"
+            )
+        if x.ndim == 1:
+            return self.forward(x, out=out)
+        lead = x.shape[:-1]
+        flat_out = None
+        if out is not None:
+            check_out(out, lead + (self.out_features,), self.dtype, (x,))
+            flat_out = out.reshape(-1, self.out_features)
+        result = self.forward_batch(x.reshape(-1, self.in_features), out=flat_out)
+        return result.reshape(lead + (self.out_features,))
+
+    def _output(self, shape, out, x):
+        if out is None:
+            return np.empty(shape, dtype=self.dtype)
+        return check_out(out, shape, self.dtype, (x, self._W, self._A, self._B))
+
+    # ------------------------------------------------------------- utilities
+    def copy(self):
+        """An independent copy: arrays, merge state and enabled state."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._W = self._W.copy()
+        new._A = self._A.copy()
+        new._B = self._B.copy()
+        return new
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(out_features={self.out_features}, "
+            f"in_features={self.in_features}, rank={self._rank}, alpha={self._alpha:g}, "
+            f"scaling={self._scaling:g}, dtype={self.dtype}, "
+            f"merged={self._merged}, enabled={self._enabled})"
+        )
