@@ -1,0 +1,258 @@
+"""numba_lora.kernels against the float64 references, from Python and from user @njit code."""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numba import njit, prange
+
+import reference as ref
+from numba_lora import kernels
+
+
+# --------------------------------------------------------------------------
+# User-style @njit callers: what a user embedding the kernels writes.
+@njit
+def user_forward(W, A, B, scaling, x):
+    out = np.empty(W.shape[0], dtype=W.dtype)
+    return kernels.forward(W, A, B, scaling, x, out)
+
+
+@njit
+def user_forward_batch(W, A, B, scaling, X):
+    out = np.empty((X.shape[0], W.shape[0]), dtype=W.dtype)
+    return kernels.forward_batch(W, A, B, scaling, X, out)
+
+
+@njit
+def user_merge_unmerge(W, A, B, scaling):
+    merged = W.copy()
+    kernels.merge(merged, A, B, scaling)
+    unmerged = merged.copy()
+    kernels.unmerge(unmerged, A, B, scaling)
+    return merged, unmerged
+
+
+@njit(parallel=True)
+def user_merge_many(Ws, A, B, scaling):
+    # The serial kernels are for a caller's own prange loop.
+    for i in prange(Ws.shape[0]):
+        kernels.merge_serial(Ws[i], A, B, scaling)
+
+
+@njit(parallel=True)
+def user_unmerge_many(Ws, A, B, scaling):
+    for i in prange(Ws.shape[0]):
+        kernels.unmerge_serial(Ws[i], A, B, scaling)
+
+
+@njit
+def user_count_nonfinite(W, A, B, scaling):
+    return kernels.count_nonfinite_merged(W, A, B, scaling)
+
+
+def test_forward_from_user_njit(dtype, rng):
+    W, A, B = ref.random_lora(rng, 13, 9, 3, dtype)
+    x = rng.standard_normal(9).astype(dtype)
+    y = user_forward(W, A, B, 0.5, x)
+    assert y.dtype == dtype
+    ref.assert_close(y, *ref.forward(W, A, B, 0.5, x), dtype)
+
+
+def test_forward_batch_from_user_njit(dtype, rng):
+    W, A, B = ref.random_lora(rng, 13, 9, 3, dtype)
+    X = rng.standard_normal((5, 9)).astype(dtype)
+    Y = user_forward_batch(W, A, B, 2.0, X)
+    assert Y.dtype == dtype
+    ref.assert_close(Y, *ref.forward(W, A, B, 2.0, X), dtype)
+
+
+def test_merge_unmerge_from_user_njit(dtype, rng):
+    W, A, B = ref.random_lora(rng, 11, 7, 2, dtype)
+    merged, unmerged = user_merge_unmerge(W, A, B, 1.5)
+    ref.assert_close(merged, *ref.merged(W, A, B, 1.5), dtype)
+    ref.assert_close(unmerged, W.astype(np.float64), *ref.merged(W, A, B, 1.5)[1:], dtype)
+
+
+def test_serial_kernels_inside_user_prange(dtype, rng):
+    W, A, B = ref.random_lora(rng, 10, 6, 2, dtype)
+    Ws = np.stack([W, 2 * W, -W])
+    expected = Ws.copy()
+    for i in range(3):
+        kernels.merge(expected[i], A, B, 0.25)
+    user_merge_many(Ws, A, B, 0.25)
+    np.testing.assert_array_equal(Ws, expected)  # serial == parallel, bitwise
+    for i in range(3):
+        kernels.unmerge(expected[i], A, B, 0.25)
+    user_unmerge_many(Ws, A, B, 0.25)
+    np.testing.assert_array_equal(Ws, expected)
+
+
+def test_count_nonfinite_from_user_njit(dtype, rng):
+    W, A, B = ref.random_lora(rng, 8, 5, 2, dtype)
+    assert user_count_nonfinite(W, A, B, 1.0) == 0
+    W[3, 4] = np.nan
+    W[0, 0] = np.inf
+    assert user_count_nonfinite(W, A, B, 1.0) == 2
+
+
+# --------------------------------------------------------------------------
+# Property tests from Python.
+@st.composite
+def lora_case(draw, max_dim=40):
+    out_features = draw(st.integers(1, max_dim))
+    in_features = draw(st.integers(1, max_dim))
+    rank = draw(st.integers(1, min(out_features, in_features)))
+    dtype = draw(st.sampled_from(ref.DTYPES))
+    scaling = draw(st.sampled_from([1.0, 0.5, 2.0, -1.25, 0.0, 1e-3]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return out_features, in_features, rank, np.dtype(dtype), scaling, seed
+
+
+@given(lora_case(), st.integers(0, 9))
+def test_forward_batch_matches_reference(case, batch):
+    out_features, in_features, rank, dtype, scaling, seed = case
+    rng = np.random.default_rng(seed)
+    W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
+    X = rng.standard_normal((batch, in_features)).astype(dtype)
+    out = np.full((batch, out_features), np.nan, dtype=dtype)
+    result = kernels.forward_batch(W, A, B, scaling, X, out)
+    assert result is out or np.shares_memory(result, out)
+    ref.assert_close(out, *ref.forward(W, A, B, scaling, X), dtype)
+
+
+@given(lora_case())
+def test_forward_matches_reference(case):
+    out_features, in_features, rank, dtype, scaling, seed = case
+    rng = np.random.default_rng(seed)
+    W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
+    x = rng.standard_normal(in_features).astype(dtype)
+    out = np.full(out_features, np.nan, dtype=dtype)
+    kernels.forward(W, A, B, scaling, x, out)
+    ref.assert_close(out, *ref.forward(W, A, B, scaling, x), dtype)
+
+
+@given(lora_case(max_dim=70))
+def test_merge_unmerge_match_reference(case):
+    out_features, in_features, rank, dtype, scaling, seed = case
+    rng = np.random.default_rng(seed)
+    W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
+    original = W.copy()
+    kernels.merge(W, A, B, scaling)
+    ref.assert_close(W, *ref.merged(original, A, B, scaling), dtype)
+    merged = W.copy()
+    kernels.unmerge(W, A, B, scaling)
+    ref.assert_close(W, *ref.merged(merged, A, B, scaling, sign=-1.0), dtype)
+    # One rounding in each direction.
+    bound = (np.spacing(np.abs(merged)) + np.spacing(np.abs(W))) / 2
+    assert np.all(np.abs(W - original) <= bound)
+
+
+def test_merge_covers_tile_edges(dtype, rng):
+    # Shapes straddling ROW_BLOCK and COL_TILE boundaries.
+    for out_features in (kernels.ROW_BLOCK - 1, kernels.ROW_BLOCK + 1, 2 * kernels.ROW_BLOCK):
+        for in_features in (kernels.COL_TILE - 1, kernels.COL_TILE + 3):
+            W, A, B = ref.random_lora(rng, out_features, in_features, 3, dtype)
+            expected = ref.merged(W, A, B, 0.75)
+            kernels.merge(W, A, B, 0.75)
+            ref.assert_close(W, *expected, dtype)
+
+
+def test_thousand_merge_cycles_do_not_drift(dtype, rng):
+    W, A, B = ref.random_lora(rng, 33, 70, 4, dtype, b_scale=0.05)
+    original = W.copy()
+    kernels.merge(W, A, B, 2.0)
+    kernels.unmerge(W, A, B, 2.0)
+    after_first = W.copy()
+    merged_first = None
+    for _ in range(1000):
+        kernels.merge(W, A, B, 2.0)
+        if merged_first is None:
+            merged_first = W.copy()
+        kernels.unmerge(W, A, B, 2.0)
+    np.testing.assert_array_equal(W, after_first)
+    kernels.merge(W, A, B, 2.0)
+    np.testing.assert_array_equal(W, merged_first)
+    # One rounding each way: half an ulp of the merged value plus half an ulp
+    # of the result (1 ulp of the original wherever the delta is small beside W).
+    bound = (np.spacing(np.abs(merged_first)) + np.spacing(np.abs(after_first))) / 2
+    assert np.all(np.abs(after_first - original) <= bound)
+
+
+def test_merge_is_independent_of_thread_count(dtype, rng):
+    W, A, B = ref.random_lora(rng, 67, 1030, 8, dtype)
+    results = []
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            merged = W.copy()
+            kernels.merge(merged, A, B, 0.5)
+            results.append(merged)
+    finally:
+        numba.set_num_threads(previous)
+    serial = W.copy()
+    kernels.merge_serial(serial, A, B, 0.5)
+    for merged in results:
+        np.testing.assert_array_equal(merged, serial)
+
+
+def test_forward_with_one_or_two_blas_threads(dtype, rng):
+    # forward/forward_batch are BLAS calls, and OpenBLAS may split a gemm's
+    # sums differently by thread count (seen: float64 dgemm, ~1% of elements
+    # differing by ~1e-13 relative).  Both must still meet the tolerance;
+    # bitwise thread independence is promised for merge only.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    W, A, B = ref.random_lora(rng, 300, 257, 8, dtype)
+    x = rng.standard_normal(257).astype(dtype)
+    X = rng.standard_normal((37, 257)).astype(dtype)
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            y = kernels.forward(W, A, B, 0.5, x, np.empty(300, dtype))
+            Y = kernels.forward_batch(W, A, B, 0.5, X, np.empty((37, 300), dtype))
+        ref.assert_close(y, *ref.forward(W, A, B, 0.5, x), dtype)
+        ref.assert_close(Y, *ref.forward(W, A, B, 0.5, X), dtype)
+
+
+def test_scaling_zero_is_the_dense_product(dtype, rng):
+    W, A, B = ref.random_lora(rng, 20, 30, 4, dtype)
+    B[:] = np.nan  # must not be read at all
+    x = rng.standard_normal(30).astype(dtype)
+    y = kernels.forward(W, A, B, 0.0, x, np.empty(20, dtype))
+    ref.assert_close(y, *ref.forward(W, A, np.zeros_like(B), 0.0, x), dtype)
+
+
+def test_count_nonfinite_merged_sees_overflow_and_leaves_w(rng):
+    W, A, B = ref.random_lora(rng, 9, 12, 2, np.float32)
+    A[0, 2] = 3e38  # finite, but 2 * 3e38 overflows float32
+    B[:] = 1.0
+    before = W.copy()
+    assert kernels.count_nonfinite_merged(W, A, B, 2.0) == 9  # column 2, every row
+    np.testing.assert_array_equal(W, before)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda W, A, B: kernels.forward(W, A, B, 1.0, np.ones(W.shape[1] + 1, W.dtype),
+                                        np.empty(W.shape[0], W.dtype)),
+        lambda W, A, B: kernels.forward(W, A, B, 1.0, np.ones(W.shape[1], W.dtype),
+                                        np.empty(W.shape[0] - 1, W.dtype)),
+        lambda W, A, B: kernels.forward_batch(W, A, B, 1.0, np.ones((2, W.shape[1]), W.dtype),
+                                              np.empty((3, W.shape[0]), W.dtype)),
+        lambda W, A, B: kernels.merge(W, A[:, :-1].copy(), B, 1.0),
+        lambda W, A, B: kernels.unmerge(W, A, B[:-1].copy(), 1.0),
+        lambda W, A, B: kernels.merge(W, A[:-1].copy(), B, 1.0),
+        lambda W, A, B: kernels.merge(W, np.asfortranarray(A), B, 1.0),
+        lambda W, A, B: kernels.forward_batch(W, A, B, 1.0, np.ones((W.shape[1], 3), W.dtype).T,
+                                              np.empty((3, W.shape[0]), W.dtype)),
+    ],
+    ids=["x-length", "out-length", "out-batch", "A-in", "B-out", "rank", "A-order", "X-order"],
+)
+def test_kernels_reject_inconsistent_shapes(call, rng):
+    W, A, B = ref.random_lora(rng, 6, 5, 2, np.float64)
+    before = W.copy()
+    with pytest.raises(ValueError):
+        call(W, A, B)
+    np.testing.assert_array_equal(W, before)
