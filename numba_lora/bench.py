@@ -1,0 +1,385 @@
+"""``python -m numba_lora bench``: numba_lora beside plain NumPy and the dense BLAS call.
+
+Each case times three things on the same arrays, interleaved (A B C, then
+C B A, ...) so that machine noise falls on all three alike, and reports
+medians and their ratios to the dense baseline:
+
+- numba_lora: the ``LoraLinear`` method (unmerged, enabled);
+- numpy: the composite a NumPy user writes, ``W @ x + s * (B @ (A @ x))``,
+  ``X @ W.T + s * ((X @ A.T) @ B.T)`` or ``W += s * (B @ A)``;
+- dense: the product LoRA adapts, ``W @ x`` or ``X @ W.T`` into a
+  preallocated output, or for merge ``np.copyto`` of W (one read and one
+  write of W, the least an in-place update can cost).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .layer import LoraLinear
+
+__all__ = ["Result", "run_case", "run", "format_table", "main"]
+
+DEFAULT_SHAPES = ((4096, 4096),)
+DEFAULT_RANKS = (16,)
+DEFAULT_BATCHES = (1, 8, 64, 512)
+ALPHA = 32.0
+
+
+@dataclass
+class Result:
+    """One benchmark row: medians in seconds, ratios to the dense baseline."""
+
+    op: str
+    out_features: int
+    in_features: int
+    rank: int
+    dtype: str
+    batch: int
+    threads: int
+    repeats: int
+    numba_lora_s: float
+    numpy_s: float
+    dense_s: float
+    ratio: float = field(init=False)
+    numpy_ratio: float = field(init=False)
+
+    def __post_init__(self):
+        self.ratio = self.numba_lora_s / self.dense_s
+        self.numpy_ratio = self.numpy_s / self.dense_s
+
+
+def _layer(shape, rank, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    out_features, in_features = shape
+    W = (rng.standard_normal(shape) / np.sqrt(in_features)).astype(dtype)
+    layer = LoraLinear(W, rank, ALPHA, seed=rng)
+    layer.lora_b = rng.standard_normal((out_features, rank)) * 0.01
+    return layer, rng
+
+
+def _interleaved(funcs, budget_s, min_repeats=5, max_repeats=200):
+    """Median time of each callable, calling them in turn (forward, then reversed)."""
+    for f in funcs:  # warm-up: compilation, page faults, BLAS thread start
+        f()
+        f()
+    t0 = time.perf_counter()
+    for f in funcs:
+        f()
+    one_round = time.perf_counter() - t0
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / max(one_round, 1e-9))))
+    samples = [[] for _ in funcs]
+    order = list(range(len(funcs)))
+    for r in range(repeats):
+        for i in order if r % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            funcs[i]()
+            samples[i].append(time.perf_counter() - t)
+    return [float(np.median(s)) for s in samples], repeats
+
+
+def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
+    """Time one case; ``op`` is ``"forward"`` (``batch`` rows; 1 means one vector) or ``"merge"``.
+
+    ``"merge"`` returns two results, merge and unmerge.
+    """
+    layer, rng = _layer(shape, rank, dtype)
+    W, A, B, s = layer.weight, layer.lora_a, layer.lora_b, layer.scaling
+    threads = threads or _current_threads()
+    base = dict(out_features=shape[0], in_features=shape[1], rank=rank,
+                dtype=np.dtype(dtype).name, threads=threads)
+    if op == "forward":
+        if batch == 1:
+            x = rng.standard_normal(shape[1]).astype(dtype)
+            out = np.empty(shape[0], dtype)
+            funcs = [
+                lambda: layer.forward(x, out=out),
+                lambda: W @ x + s * (B @ (A @ x)),
+                lambda: np.matmul(W, x, out=out),
+            ]
+            name = "forward"
+        else:
+            X = rng.standard_normal((batch, shape[1])).astype(dtype)
+            out = np.empty((batch, shape[0]), dtype)
+            funcs = [
+                lambda: layer.forward_batch(X, out=out),
+                lambda: X @ W.T + s * ((X @ A.T) @ B.T),
+                lambda: np.matmul(X, W.T, out=out),
+            ]
+            name = "forward_batch"
+        (t_lora, t_np, t_dense), reps = _interleaved(funcs, budget_s)
+        return [Result(name, batch=batch, repeats=reps, numba_lora_s=t_lora,
+                       numpy_s=t_np, dense_s=t_dense, **base)]
+    if op == "merge":
+        W_np = np.array(W)
+        W_copy = np.empty_like(W_np)
+        delta_dtype = np.dtype(dtype).type(s)
+
+        def np_merge():
+            W_np.__iadd__(delta_dtype * (B @ A))
+
+        def np_unmerge():
+            W_np.__isub__(delta_dtype * (B @ A))
+
+        # Each pair is timed in its natural order (merge, then unmerge), so
+        # the layer's state stays valid; the pairs are interleaved.
+        def both_lora():
+            t = time.perf_counter()
+            layer.merge()
+            t1 = time.perf_counter()
+            layer.unmerge()
+            return t1 - t, time.perf_counter() - t1
+
+        def both_numpy():
+            t = time.perf_counter()
+            np_merge()
+            t1 = time.perf_counter()
+            np_unmerge()
+            return t1 - t, time.perf_counter() - t1
+
+        def both_copy():
+            t = time.perf_counter()
+            np.copyto(W_copy, W_np)
+            t1 = time.perf_counter()
+            np.copyto(W_copy, W_np)
+            return t1 - t, time.perf_counter() - t1
+
+        funcs = [both_lora, both_numpy, both_copy]
+        for f in funcs:
+            f()
+            f()
+        one_round = sum(sum(f()) for f in funcs)
+        reps = int(min(200, max(5, budget_s / max(one_round, 1e-9))))
+        samples = [[] for _ in funcs]
+        for r in range(reps):
+            for i in (0, 1, 2) if r % 2 == 0 else (2, 1, 0):
+                samples[i].append(funcs[i]())
+        med = [np.median(np.array(s), axis=0) for s in samples]
+        return [
+            Result(name, batch=0, repeats=reps, numba_lora_s=float(med[0][k]),
+                   numpy_s=float(med[1][k]), dense_s=float(med[2][k]), **base)
+            for k, name in enumerate(("merge", "unmerge"))
+        ]
+    raise ValueError(f"op must be 'forward' or 'merge', got {op!r}")
+
+
+def _current_threads():
+    import numba
+
+    return numba.get_num_threads()
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per step when not a terminal)."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.tty = stream.isatty()
+
+    def step(self, label):
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {label}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78)[:78])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.done += 1
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\r" + " " * 78 + "\r")
+            self.stream.flush()
+
+
+def _set_threads(n):
+    """Use ``n`` threads in Numba and in every BLAS (NumPy's and SciPy's)."""
+    import numba
+
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with numba_lora[bench]
+        return None
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
+        batches=DEFAULT_BATCHES, threads=(None,), merge=True, budget_s=1.0,
+        progress=True):
+    """Run every combination; return a list of :class:`Result`."""
+    plan = []
+    for n in threads:
+        for dtype in dtypes:
+            for shape in shapes:
+                for rank in ranks:
+                    for batch in batches:
+                        plan.append((n, "forward", shape, rank, dtype, batch))
+                    if merge:
+                        plan.append((n, "merge", shape, rank, dtype, 0))
+    bar = _Progress(len(plan)) if progress else None
+    results = []
+    for n, op, shape, rank, dtype, batch in plan:
+        if bar:
+            what = "merge/unmerge" if op == "merge" else f"forward batch={batch}"
+            bar.step(f"{what} {shape[0]}x{shape[1]} r={rank} {dtype}"
+                     + (f" threads={n}" if n else ""))
+        limits = _set_threads(n) if n else None
+        try:
+            results.extend(run_case(op, shape, rank, dtype, batch, n, budget_s))
+        finally:
+            if limits is not None:
+                limits.restore_original_limits()
+    if bar:
+        bar.close()
+    return results
+
+
+def format_table(results):
+    """Results as a plain-text table."""
+    header = (f"{'operation':<14}{'shape':>11}{'rank':>5}{'dtype':>8}{'batch':>6}{'thr':>4}"
+              f"{'numba_lora':>12}{'numpy':>11}{'dense':>11}{'lora/dense':>11}{'numpy/dense':>12}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        batch = "-" if r.op in ("merge", "unmerge") else str(r.batch)
+        lines.append(
+            f"{r.op:<14}{f'{r.out_features}x{r.in_features}':>11}{r.rank:>5}{r.dtype:>8}"
+            f"{batch:>6}{r.threads:>4}{_ms(r.numba_lora_s):>12}{_ms(r.numpy_s):>11}"
+            f"{_ms(r.dense_s):>11}{r.ratio:>10.3f}x{r.numpy_ratio:>11.3f}x"
+        )
+    lines.append("times are medians in ms; dense = W @ x / X @ W.T into a preallocated "
+                 "output, or np.copyto of W for merge/unmerge")
+    return "\n".join(lines)
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:.3f}"
+
+
+def machine_info():
+    """What the figures were measured on."""
+    import numba
+    import scipy
+
+    return dict(
+        python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,
+        numba=numba.__version__, machine=platform.machine(), cpus=os.cpu_count(),
+        processor=platform.processor() or platform.machine(),
+        numba_threads=numba.get_num_threads(),
+        threading_layer=_threading_layer(),
+    )
+
+
+def _threading_layer():
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return None
+
+
+def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
+    """Seconds for a fresh interpreter to import numba_lora and run the first forward.
+
+    With ``cache_dir`` pointing at an empty directory the compile is cold;
+    with ``None`` the package's own (warm) cache is used.
+    """
+    code = (
+        "import time; t=time.perf_counter(); import numpy as np, numba_lora; "
+        f"layer=numba_lora.LoraLinear(np.ones({shape}, np.{dtype}), {rank}, 32.0, seed=0); "
+        f"layer.forward(np.ones({shape[1]}, np.{dtype})); "
+        "print(time.perf_counter()-t)"
+    )
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _shape(text):
+    try:
+        out_features, in_features = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096, got {text!r}") from None
+    return out_features, in_features
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="python -m numba_lora bench",
+        description="Time numba_lora against plain NumPy and the dense BLAS product.",
+    )
+    p.add_argument("--shape", type=_shape, action="append",
+                   help="weight shape OUTxIN (repeatable; default 4096x4096)")
+    p.add_argument("--rank", type=_int_list, default=list(DEFAULT_RANKS),
+                   help="comma-separated ranks (default 16)")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated dtypes: float32, float64 (default float32)")
+    p.add_argument("--batch", type=_int_list, default=list(DEFAULT_BATCHES),
+                   help="comma-separated batch sizes; 1 = forward on one vector "
+                        "(default 1,8,64,512)")
+    p.add_argument("--threads", type=_int_list, default=None,
+                   help="comma-separated thread counts for Numba and BLAS (default: as set)")
+    p.add_argument("--no-merge", action="store_true", help="skip merge/unmerge")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds of timing per case (default 1.0)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="also time a fresh process's import + first forward, cache warm and cold")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write results as JSON to PATH ('-' for stdout, table to stderr)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    for d in dtypes:
+        if d not in ("float32", "float64"):
+            parser().error(f"--dtype must be float32 or float64, got {d!r}")
+    results = run(shapes=args.shape or DEFAULT_SHAPES, ranks=args.rank, dtypes=dtypes,
+                  batches=args.batch, threads=args.threads or [None],
+                  merge=not args.no_merge, budget_s=args.budget)
+    report = dict(machine=machine_info(), results=[asdict(r) for r in results])
+    if args.cold_start:
+        import tempfile
+
+        cold_start()  # make sure the package cache is warm
+        warm = [cold_start() for _ in range(3)]
+        with tempfile.TemporaryDirectory() as tmp:
+            cold = cold_start(cache_dir=tmp)
+        report["cold_start"] = dict(warm_cache_s=float(np.median(warm)), cold_cache_s=cold)
+    table = format_table(results)
+    if args.cold_start:
+        cs = report["cold_start"]
+        table += (f"\ncold start (new process: import + first forward): "
+                  f"{cs['warm_cache_s']:.3f} s with a warm cache, "
+                  f"{cs['cold_cache_s']:.3f} s compiling from scratch")
+    text_stream = sys.stderr if args.json == "-" else sys.stdout
+    print(table, file=text_stream)
+    if args.json:
+        payload = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(payload + "\n")
+    return 0
