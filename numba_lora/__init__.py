@@ -9,9 +9,12 @@ The public surface:
 - the exceptions in :mod:`numba_lora.errors`, rooted at :class:`LoraError`.
 """
 
-from . import kernels
-from ._cache import clear_cache
-from .errors import (
+from ._cache import clear_cache, ensure_fresh_cache
+
+ensure_fresh_cache()  # before any kernel's cached code is loaded
+
+from . import kernels  # noqa: E402
+from .errors import (  # noqa: E402
     LoraConfigError,
     LoraDtypeError,
     LoraError,
@@ -19,7 +22,7 @@ from .errors import (
     LoraShapeError,
     LoraStateError,
 )
-from .layer import LoraLinear
+from .layer import LoraLinear  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -240,8 +240,11 @@ class LoraLinear:
         check_finite : bool, optional
             First test, without writing, whether any element of the merged W
             would be NaN or infinite (elements already non-finite in W count
-            too); if so, raise and leave W bit-identical.  Costs one extra
-            read of W and the delta's arithmetic.
+            too, and so do elements within a relative 2**-10 of the dtype's
+            overflow threshold, where rounding decides); if so, raise and
+            leave W bit-identical.  Costs one extra read of W and the delta's
+            arithmetic in float64 (see
+            :func:`numba_lora.kernels.count_nonfinite_merged`).
 
         Raises
         ------
@@ -257,8 +260,8 @@ class LoraLinear:
             bad = kernels.count_nonfinite_merged(self._W, self._A, self._B, self._scaling)
             if bad:
                 raise LoraNonFiniteError(
-                    f"merge would leave {bad} of {self._W.size} weight elements NaN or "
-                    "infinite; W was left unchanged"
+                    f"merge would leave {bad} of {self._W.size} weight elements NaN, "
+                    "infinite or at the edge of overflow; W was left unchanged"
                 )
         kernels.merge(self._W, self._A, self._B, self._scaling)
         self._merged = True

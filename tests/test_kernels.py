@@ -78,15 +78,17 @@ def test_merge_unmerge_from_user_njit(dtype, rng):
 def test_serial_kernels_inside_user_prange(dtype, rng):
     W, A, B = ref.random_lora(rng, 10, 6, 2, dtype)
     Ws = np.stack([W, 2 * W, -W])
-    expected = Ws.copy()
-    for i in range(3):
-        kernels.merge(expected[i], A, B, 0.25)
+    original = Ws.copy()
     user_merge_many(Ws, A, B, 0.25)
-    np.testing.assert_array_equal(Ws, expected)  # serial == parallel, bitwise
     for i in range(3):
-        kernels.unmerge(expected[i], A, B, 0.25)
+        ref.assert_close(Ws[i], *ref.merged(original[i], A, B, 0.25), dtype)
+    once = Ws.copy()
+    for i in range(3):  # the serial kernel, run here, matches itself bitwise
+        kernels.merge_serial(original[i], A, B, 0.25)
+    np.testing.assert_array_equal(Ws, original)
     user_unmerge_many(Ws, A, B, 0.25)
-    np.testing.assert_array_equal(Ws, expected)
+    for i in range(3):
+        ref.assert_close(Ws[i], *ref.merged(once[i], A, B, 0.25, sign=-1.0), dtype)
 
 
 def test_count_nonfinite_from_user_njit(dtype, rng):
@@ -149,30 +151,43 @@ def test_merge_unmerge_match_reference(case):
     assert np.all(np.abs(W - original) <= bound)
 
 
-def test_merge_covers_tile_edges(dtype, rng):
-    # Shapes straddling ROW_BLOCK and COL_TILE boundaries.
+# The two merge paths: one BLAS gemm (rank <= BLAS_MERGE_MAX_RANK) and the
+# tiled kernel (higher ranks, and the serial kernels).
+HIGH_RANK = kernels.BLAS_MERGE_MAX_RANK + 2
+
+
+def test_tiled_path_covers_tile_edges(dtype, rng):
+    # Shapes straddling ROW_BLOCK and COL_TILE boundaries, ranks not a multiple of 4.
     for out_features in (kernels.ROW_BLOCK - 1, kernels.ROW_BLOCK + 1, 2 * kernels.ROW_BLOCK):
         for in_features in (kernels.COL_TILE - 1, kernels.COL_TILE + 3):
-            W, A, B = ref.random_lora(rng, out_features, in_features, 3, dtype)
-            expected = ref.merged(W, A, B, 0.75)
-            kernels.merge(W, A, B, 0.75)
-            ref.assert_close(W, *expected, dtype)
+            for rank in (1, 3):
+                W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
+                expected = ref.merged(W, A, B, 0.75)
+                kernels.merge_serial(W, A, B, 0.75)
+                ref.assert_close(W, *expected, dtype)
 
 
-def test_thousand_merge_cycles_do_not_drift(dtype, rng):
-    W, A, B = ref.random_lora(rng, 33, 70, 4, dtype, b_scale=0.05)
+def test_high_rank_merge_matches_reference(dtype, rng):
+    W, A, B = ref.random_lora(rng, HIGH_RANK + 5, HIGH_RANK + 1, HIGH_RANK, dtype)
     original = W.copy()
-    kernels.merge(W, A, B, 2.0)
-    kernels.unmerge(W, A, B, 2.0)
+    kernels.merge(W, A, B, 0.5)
+    ref.assert_close(W, *ref.merged(original, A, B, 0.5), dtype)
+    tiled = original.copy()
+    kernels.merge_serial(tiled, A, B, 0.5)
+    np.testing.assert_array_equal(W, tiled)  # same tiled arithmetic, threads or not
+
+
+def _cycle_check(merge, unmerge, W, A, B, cycles):
+    original = W.copy()
+    merge(W, A, B, 2.0)
+    merged_first = W.copy()
+    unmerge(W, A, B, 2.0)
     after_first = W.copy()
-    merged_first = None
-    for _ in range(1000):
-        kernels.merge(W, A, B, 2.0)
-        if merged_first is None:
-            merged_first = W.copy()
-        kernels.unmerge(W, A, B, 2.0)
+    for _ in range(cycles):
+        merge(W, A, B, 2.0)
+        unmerge(W, A, B, 2.0)
     np.testing.assert_array_equal(W, after_first)
-    kernels.merge(W, A, B, 2.0)
+    merge(W, A, B, 2.0)
     np.testing.assert_array_equal(W, merged_first)
     # One rounding each way: half an ulp of the merged value plus half an ulp
     # of the result (1 ulp of the original wherever the delta is small beside W).
@@ -180,22 +195,39 @@ def test_thousand_merge_cycles_do_not_drift(dtype, rng):
     assert np.all(np.abs(after_first - original) <= bound)
 
 
+@pytest.mark.parametrize("path", ["blas", "tiled", "serial"])
+def test_thousand_merge_cycles_do_not_drift(path, dtype, rng):
+    if path == "blas":
+        W, A, B = ref.random_lora(rng, 33, 70, 4, dtype, b_scale=0.05)
+        _cycle_check(kernels.merge, kernels.unmerge, W, A, B, 1000)
+    elif path == "tiled":
+        W, A, B = ref.random_lora(rng, HIGH_RANK, HIGH_RANK + 3, HIGH_RANK, dtype, b_scale=0.05)
+        _cycle_check(kernels.merge, kernels.unmerge, W, A, B, 200)
+    else:
+        W, A, B = ref.random_lora(rng, 33, 70, 5, dtype, b_scale=0.05)
+        _cycle_check(kernels.merge_serial, kernels.unmerge_serial, W, A, B, 1000)
+
+
 def test_merge_is_independent_of_thread_count(dtype, rng):
-    W, A, B = ref.random_lora(rng, 67, 1030, 8, dtype)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    low = ref.random_lora(rng, 67, 1030, 8, dtype)
+    high = ref.random_lora(rng, HIGH_RANK + 3, 1030, HIGH_RANK, dtype)
     results = []
     previous = numba.get_num_threads()
     try:
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            merged = W.copy()
-            kernels.merge(merged, A, B, 0.5)
-            results.append(merged)
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+                merged = []
+                for W, A, B in (low, high):
+                    W = W.copy()
+                    kernels.merge(W, A, B, 0.5)
+                    merged.append(W)
+                results.append(merged)
     finally:
         numba.set_num_threads(previous)
-    serial = W.copy()
-    kernels.merge_serial(serial, A, B, 0.5)
-    for merged in results:
-        np.testing.assert_array_equal(merged, serial)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
 
 
 def test_forward_with_one_or_two_blas_threads(dtype, rng):
@@ -230,6 +262,18 @@ def test_count_nonfinite_merged_sees_overflow_and_leaves_w(rng):
     before = W.copy()
     assert kernels.count_nonfinite_merged(W, A, B, 2.0) == 9  # column 2, every row
     np.testing.assert_array_equal(W, before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_nonfinite_merged_guard_band(dtype):
+    big = np.finfo(dtype).max
+    W = np.array([[0.0, 0.0, 0.0, 1.0]], dtype)
+    A = np.array([[big * 0.5, big * 0.4999, big * 0.49, 1.0]], dtype)
+    B = np.array([[1.0]], dtype)
+    # 2 * A: just over the largest value, within 2**-10 of it, comfortably below.
+    counts = [kernels.count_nonfinite_merged(W[:, j:j + 1].copy(), A[:, j:j + 1].copy(), B, 2.0)
+              for j in range(4)]
+    assert counts == [1, 1, 0, 0]
 
 
 @pytest.mark.parametrize(
