@@ -1,9 +1,9 @@
 """Turn ``python -m numba_lora bench --json`` output into the performance page's table and plot.
 
-Usage::
+Usage (``docs/bench/run.sh`` does both steps)::
 
-    python -m numba_lora bench --shape 4096x4096 --rank 4,16,64 --json docs/bench.json
-    python docs/make_performance.py docs/bench.json
+    python -m numba_lora bench --shape 4096x4096 --rank 4,16,64 --json reference.json
+    python docs/make_performance.py reference.json [more.json ...]
 
 Writes ``docs/performance_table.rst`` (included by ``performance.rst``) and
 ``docs/_static/performance.png`` (ratio to the dense product, by batch size
@@ -36,9 +36,16 @@ def table(report):
     head = (f"Measured with numba {m['numba']}, numpy {m['numpy']}, scipy {m['scipy']}, "
             f"Python {m['python']} on {m['cpus']} CPUs ({m['machine']}).\n\n")
     extra = ""
+    for row in report.get("memory", []):
+        extra += (f"\n\nPeak extra memory of one merge, {row['out_features']}x{row['in_features']} "
+                  f"rank {row['rank']} {row['dtype']} (growth of peak RSS in a fresh process): "
+                  f"numba_lora {row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
+                  f"({100 * row['numba_lora_extra_fraction']:.2f}% of W's bytes), NumPy's "
+                  f"``W += s * (B @ A)`` {row['numpy_extra_bytes'] / 2**20:.1f} MiB "
+                  f"({100 * row['numpy_extra_fraction']:.0f}% of W's bytes).")
     if "cold_start" in report:
         cs = report["cold_start"]
-        extra = (f"\n\nCold start, a fresh process importing numba_lora and running the first "
+        extra += (f"\n\nCold start, a fresh process importing numba_lora and running the first "
                  f"forward: {cs['warm_cache_s']:.2f} s with a warm cache, "
                  f"{cs['cold_cache_s']:.2f} s compiling from scratch.\n")
     return head + "\n".join(lines) + "\n" + extra
@@ -80,11 +87,23 @@ def plot(report, path):
     fig.savefig(path, dpi=110)
 
 
+def load(paths):
+    """One report from several bench JSON files (results concatenated)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(reports[0])
+    merged["results"] = [r for rep in reports for r in rep["results"]]
+    for rep in reports[1:]:
+        for key in ("memory", "cold_start"):
+            if key in rep:
+                merged.setdefault(key, rep[key])
+    return merged
+
+
 def main(argv):
-    if len(argv) != 1:
+    if not argv:
         print(__doc__)
         return 2
-    report = json.loads(Path(argv[0]).read_text())
+    report = load(argv)
     (HERE / "performance_table.rst").write_text(table(report))
     (HERE / "_static").mkdir(exist_ok=True)
     plot(report, HERE / "_static" / "performance.png")

@@ -68,7 +68,7 @@ def _numpy_openblas_candidates():
 
 
 def _find_numpy_cblas():
-    """{name: address} of NumPy's ILP64 CBLAS gemm/gemv, or None."""
+    """(path, library, {name: address}) of NumPy's ILP64 CBLAS gemm/gemv, or None."""
     for path in _numpy_openblas_candidates():
         try:
             lib = ctypes.CDLL(path)  # already loaded by NumPy: same handle
@@ -82,7 +82,7 @@ def _find_numpy_cblas():
                 }
             except AttributeError:
                 continue
-            return path, found
+            return path, lib, found
     return None
 
 
@@ -129,10 +129,47 @@ def _fallback_gemv(kind):
 _KEEP_ALIVE = []  # ctypes callbacks must outlive every call
 
 
+_THREAD_CONTROL = {}
+
+
+def _thread_control(lib):
+    for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("openblas_", "")):
+        try:
+            setter = getattr(lib, f"{prefix}set_num_threads{suffix}")
+            getter = getattr(lib, f"{prefix}get_num_threads{suffix}")
+        except AttributeError:
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], None
+        getter.argtypes, getter.restype = [], ctypes.c_int
+        return {"set": setter, "get": getter}
+    return {}
+
+
+def blas_threads():
+    """Threads of the BLAS the kernels call, or None where that cannot be read."""
+    if "get" in _THREAD_CONTROL:
+        return _THREAD_CONTROL["get"]()
+    return None
+
+
+def set_blas_threads(n):
+    """Set the thread count of the BLAS the kernels call (NumPy's); False if not possible."""
+    if "set" in _THREAD_CONTROL:
+        _THREAD_CONTROL["set"](int(n))
+        return True
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(limits=int(n), user_api="blas")
+    return True
+
+
 def _register():
     found = _find_numpy_cblas()
     if found is not None:
-        path, addresses = found
+        path, lib, addresses = found
+        _THREAD_CONTROL.update(_thread_control(lib))
         provider = f"numpy's OpenBLAS ({os.path.basename(path)})"
     else:
         addresses = {}

@@ -21,8 +21,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numba
 import numpy as np
 
+from ._blas import set_blas_threads
 from .layer import LoraLinear
 
 __all__ = ["Result", "run_case", "run", "format_table", "main"]
@@ -171,8 +173,6 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
 
 
 def _current_threads():
-    import numba
-
     return numba.get_num_threads()
 
 
@@ -202,15 +202,18 @@ class _Progress:
 
 
 def _set_threads(n):
-    """Use ``n`` threads in Numba and in every BLAS (NumPy's and SciPy's)."""
-    import numba
+    """Use ``n`` threads in Numba and in the BLAS (NumPy's, which the kernels share)."""
+    from ._threads import get_num_threads, set_num_threads
 
-    numba.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with numba_lora[bench]
-        return None
-    return threadpool_limits(limits=n, user_api="blas")
+    numba_before, blas_before = get_num_threads()
+    set_num_threads(n)
+
+    def restore():
+        numba.set_num_threads(numba_before)
+        if blas_before is not None:
+            set_blas_threads(blas_before)
+
+    return restore
 
 
 def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
@@ -233,12 +236,12 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
             what = "merge/unmerge" if op == "merge" else f"forward batch={batch}"
             bar.step(f"{what} {shape[0]}x{shape[1]} r={rank} {dtype}"
                      + (f" threads={n}" if n else ""))
-        limits = _set_threads(n) if n else None
+        restore = _set_threads(n) if n else None
         try:
             results.extend(run_case(op, shape, rank, dtype, batch, n, budget_s))
         finally:
-            if limits is not None:
-                limits.restore_original_limits()
+            if restore is not None:
+                restore()
     if bar:
         bar.close()
     return results
@@ -267,21 +270,20 @@ def _ms(seconds):
 
 def machine_info():
     """What the figures were measured on."""
-    import numba
     import scipy
+
+    from ._blas import PROVIDER, blas_threads
 
     return dict(
         python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,
         numba=numba.__version__, machine=platform.machine(), cpus=os.cpu_count(),
         processor=platform.processor() or platform.machine(),
         numba_threads=numba.get_num_threads(),
-        threading_layer=_threading_layer(),
+        threading_layer=_threading_layer(), blas=PROVIDER, blas_threads=blas_threads(),
     )
 
 
 def _threading_layer():
-    import numba
-
     try:
         return numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
@@ -306,6 +308,52 @@ def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+_MEMORY_SCRIPT = """
+import resource, sys
+import numpy as np
+from numba_lora import kernels
+
+out_features, in_features, rank, dtype, side = sys.argv[1:]
+out_features, in_features, rank = int(out_features), int(in_features), int(rank)
+rng = np.random.default_rng(0)
+# Filled row block by row block, so no W-sized temporary raises the peak first.
+W = np.empty((out_features, in_features), dtype)
+for i in range(0, out_features, 256):
+    W[i:i + 256] = rng.standard_normal(W[i:i + 256].shape)
+A = rng.uniform(-0.01, 0.01, (rank, in_features)).astype(dtype)
+B = rng.standard_normal((out_features, rank)).astype(dtype)
+s = W.dtype.type(2.0)
+if side == "numba_lora":
+    def op():
+        kernels.merge(W, A, B, s)
+else:
+    def op():
+        W.__iadd__(s * (B @ A))
+# Warm-up for both sides alike (compilation, BLAS's buffers for this size),
+# with nothing W-sized allocated, so that the peak so far is W, A and B.
+kernels.merge(W, A, B, s)
+kernels.unmerge(W, A, B, s)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+op()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+"""
+
+
+def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
+    """Growth of peak RSS during one merge, in bytes, measured in a fresh process.
+
+    ``side`` is ``"numba_lora"`` (``kernels.merge``) or ``"numpy"``
+    (``W += s * (B @ A)``).  Linux and macOS only (``resource`` module).
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(shape[0]), str(shape[1]), str(rank),
+         np.dtype(dtype).name, side],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def _shape(text):
@@ -344,6 +392,8 @@ def parser():
                    help="seconds of timing per case (default 1.0)")
     p.add_argument("--cold-start", action="store_true",
                    help="also time a fresh process's import + first forward, cache warm and cold")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure the peak extra memory of one merge (fresh processes)")
     p.add_argument("--json", metavar="PATH",
                    help="also write results as JSON to PATH ('-' for stdout, table to stderr)")
     return p
@@ -367,7 +417,27 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             cold = cold_start(cache_dir=tmp)
         report["cold_start"] = dict(warm_cache_s=float(np.median(warm)), cold_cache_s=cold)
+    if args.memory:
+        report["memory"] = []
+        for shape in args.shape or DEFAULT_SHAPES:
+            for rank in args.rank:
+                for dtype in dtypes:
+                    w_bytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
+                    row = dict(out_features=shape[0], in_features=shape[1], rank=rank,
+                               dtype=dtype, weight_bytes=w_bytes)
+                    for side in ("numba_lora", "numpy"):
+                        extra = merge_peak_extra_bytes(shape, rank, dtype, side)
+                        row[f"{side}_extra_bytes"] = extra
+                        row[f"{side}_extra_fraction"] = extra / w_bytes
+                    report["memory"].append(row)
     table = format_table(results)
+    for row in report.get("memory", []):
+        table += (f"\nmerge peak extra memory, {row['out_features']}x{row['in_features']} "
+                  f"r={row['rank']} {row['dtype']}: numba_lora "
+                  f"{row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
+                  f"({100 * row['numba_lora_extra_fraction']:.2f}% of W), numpy "
+                  f"{row['numpy_extra_bytes'] / 2**20:.2f} MiB "
+                  f"({100 * row['numpy_extra_fraction']:.1f}% of W)")
     if args.cold_start:
         cs = report["cold_start"]
         table += (f"\ncold start (new process: import + first forward): "
