@@ -4,6 +4,8 @@ The public surface:
 
 - :class:`LoraLinear`, a frozen linear layer with a low-rank update that can
   be merged into its weight and unmerged again;
+- :class:`LoraAdapter` and :class:`LoraConfig`, the layers of a whole
+  adapter, read from and written to PEFT's file format;
 - :mod:`numba_lora.kernels`, the ``@njit`` kernels behind it, callable from
   your own ``@njit`` code;
 - the exceptions in :mod:`numba_lora.errors`, rooted at :class:`LoraError`.
@@ -14,27 +16,41 @@ from ._cache import clear_cache, ensure_fresh_cache
 ensure_fresh_cache()  # before any kernel's cached code is loaded
 
 from . import kernels  # noqa: E402
+from .adapter import AdapterSummary, LoraAdapter  # noqa: E402
+from .config import LoraConfig  # noqa: E402
 from .errors import (  # noqa: E402
     LoraConfigError,
     LoraDtypeError,
     LoraError,
+    LoraFormatError,
+    LoraKeyError,
     LoraNonFiniteError,
     LoraShapeError,
     LoraStateError,
+    LoraUnsupportedError,
 )
+from ._threads import get_num_threads, set_num_threads  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraLinear",
+    "LoraConfig",
+    "LoraAdapter",
+    "AdapterSummary",
     "kernels",
     "clear_cache",
+    "set_num_threads",
+    "get_num_threads",
     "LoraError",
     "LoraConfigError",
     "LoraShapeError",
     "LoraDtypeError",
     "LoraStateError",
     "LoraNonFiniteError",
+    "LoraKeyError",
+    "LoraFormatError",
+    "LoraUnsupportedError",
     "__version__",
 ]

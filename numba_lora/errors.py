@@ -12,6 +12,9 @@ __all__ = [
     "LoraDtypeError",
     "LoraStateError",
     "LoraNonFiniteError",
+    "LoraKeyError",
+    "LoraFormatError",
+    "LoraUnsupportedError",
 ]
 
 
@@ -37,3 +40,18 @@ class LoraStateError(LoraError, RuntimeError):
 
 class LoraNonFiniteError(LoraError, FloatingPointError):
     """A checked merge would have produced NaN or infinity; W is unchanged."""
+
+
+class LoraKeyError(LoraError, KeyError):
+    """No layer (or base weight) of that name."""
+
+    def __str__(self):  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class LoraFormatError(LoraError, ValueError):
+    """An adapter file is malformed: a missing tensor, a shape that does not fit."""
+
+
+class LoraUnsupportedError(LoraError, NotImplementedError):
+    """An adapter uses a feature numba_lora does not implement (DoRA, embeddings, ...)."""

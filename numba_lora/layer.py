@@ -257,14 +257,17 @@ class LoraLinear:
         if self._merged:
             raise LoraStateError("cannot merge: the layer is already merged; call unmerge() first")
         if check_finite:
-            bad = kernels.count_nonfinite_merged(self._W, self._A, self._B, self._scaling)
-            if bad:
-                raise LoraNonFiniteError(
-                    f"merge would leave {bad} of {self._W.size} weight elements NaN, "
-                    "infinite or at the edge of overflow; W was left unchanged"
-                )
+            self._check_merge_finite()
         kernels.merge(self._W, self._A, self._B, self._scaling)
         self._merged = True
+
+    def _check_merge_finite(self, label="merge"):
+        bad = kernels.count_nonfinite_merged(self._W, self._A, self._B, self._scaling)
+        if bad:
+            raise LoraNonFiniteError(
+                f"{label} would leave {bad} of {self._W.size} weight elements NaN, "
+                "infinite or at the edge of overflow; W was left unchanged"
+            )
 
     def unmerge(self):
         """Subtract the update from W in place: ``W -= scaling * B @ A``.

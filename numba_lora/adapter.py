@@ -1,0 +1,225 @@
+"""``LoraAdapter``: the LoRA layers of one adapter, by module name, sharing a config."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import LoraConfig
+from .errors import LoraConfigError, LoraKeyError
+from .layer import LoraLinear
+
+__all__ = ["LoraAdapter", "AdapterSummary"]
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """Totals of an adapter, from :meth:`LoraAdapter.summary`."""
+
+    num_layers: int
+    total_trainable: int
+    total_original: int
+    compression_ratio: float
+    rank: int
+    alpha: float
+
+
+class LoraAdapter:
+    """A named, ordered collection of :class:`~numba_lora.LoraLinear` layers.
+
+    Parameters
+    ----------
+    config : LoraConfig
+        Rank, alpha and the rest, shared by the layers (``rank_pattern`` and
+        ``alpha_pattern`` override them per module name).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import LoraAdapter, LoraConfig
+    >>> adapter = LoraAdapter(LoraConfig(rank=8, alpha=16))
+    >>> adapter.add_layer("q_proj", np.zeros((64, 32), np.float32))
+    LoraLinear(out_features=64, in_features=32, rank=8, alpha=16, scaling=2, dtype=float32, merged=False, enabled=True)
+    >>> adapter.add_layer("v_proj", np.zeros((64, 32), np.float32)).rank
+    8
+    >>> adapter.total_trainable_params, adapter.total_original_params
+    (1536, 4096)
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        self.config = config.validate()
+        self._layers = {}
+
+    # ------------------------------------------------------------- building
+    def add_layer(self, name, weight, *, seed=None):
+        """Add a layer over base ``weight`` and return it.
+
+        ``weight`` is (out_features, in_features), or (in_features,
+        out_features) when the config has ``fan_in_fan_out``.  Rank and alpha
+        come from the config after ``rank_pattern``/``alpha_pattern``.
+
+        Raises
+        ------
+        LoraConfigError
+            If ``name`` is empty, not a string, or already used.
+        """
+        if not isinstance(name, str) or not name:
+            raise LoraConfigError(f"layer name must be a non-empty string, got {name!r}")
+        if name in self._layers:
+            raise LoraConfigError(f"adapter already has a layer named {name!r}")
+        weight = np.asarray(weight)
+        if self.config.fan_in_fan_out:
+            weight = weight.T
+        layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
+                           seed=seed, use_rslora=self.config.use_rslora)
+        self._layers[name] = layer
+        return layer
+
+    # -------------------------------------------------------------- mapping
+    def __getitem__(self, name):
+        try:
+            return self._layers[name]
+        except KeyError:
+            known = ", ".join(repr(n) for n in list(self._layers)[:5])
+            more = ", ..." if len(self._layers) > 5 else ""
+            raise LoraKeyError(
+                f"adapter has no layer named {name!r} (it has {len(self._layers)}: {known}{more})"
+            ) from None
+
+    def __contains__(self, name):
+        return name in self._layers
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    @property
+    def layer_names(self):
+        """list of str: Layer names in insertion order."""
+        return list(self._layers)
+
+    def items(self):
+        """(name, layer) pairs in insertion order."""
+        return self._layers.items()
+
+    # -------------------------------------------------------------- compute
+    def forward_layer(self, name, x, out=None):
+        """``self[name].forward(x, out)``: one vector through one layer."""
+        return self[name].forward(x, out=out)
+
+    def forward_batch_layer(self, name, X, out=None):
+        """``self[name].forward_batch(X, out)``: a batch through one layer."""
+        return self[name].forward_batch(X, out=out)
+
+    def merge_all(self, *, check_finite=False):
+        """Merge every layer that is not merged yet (idempotent).
+
+        With ``check_finite=True`` every layer is checked before any is
+        merged, so a refusal leaves the whole adapter as it was.
+        """
+        pending = [layer for layer in self._layers.values() if not layer.is_merged]
+        if check_finite:
+            for name, layer in self._layers.items():
+                if not layer.is_merged:
+                    layer._check_merge_finite(f"merging layer {name!r}")
+        for layer in pending:
+            layer.merge()
+
+    def unmerge_all(self):
+        """Unmerge every merged layer (idempotent)."""
+        for layer in self._layers.values():
+            if layer.is_merged:
+                layer.unmerge()
+
+    def enable_all(self):
+        """Enable every layer."""
+        for layer in self._layers.values():
+            layer.enable()
+
+    def disable_all(self):
+        """Disable every layer: each computes its base product only."""
+        for layer in self._layers.values():
+            layer.disable()
+
+    # --------------------------------------------------------------- totals
+    @property
+    def total_trainable_params(self):
+        """int: Sum of the layers' ``trainable_params``."""
+        return sum(layer.trainable_params for layer in self._layers.values())
+
+    @property
+    def total_original_params(self):
+        """int: Sum of ``in_features * out_features`` over the layers."""
+        return sum(layer.in_features * layer.out_features for layer in self._layers.values())
+
+    @property
+    def overall_compression_ratio(self):
+        """float: trainable / (original + trainable); 0.0 for an empty adapter."""
+        trainable = self.total_trainable_params
+        total = self.total_original_params + trainable
+        return trainable / total if total else 0.0
+
+    def summary(self):
+        """An :class:`AdapterSummary` of the totals and the config's rank and alpha."""
+        return AdapterSummary(
+            num_layers=len(self._layers),
+            total_trainable=self.total_trainable_params,
+            total_original=self.total_original_params,
+            compression_ratio=self.overall_compression_ratio,
+            rank=self.config.rank,
+            alpha=self.config.alpha,
+        )
+
+    # ----------------------------------------------------------------- PEFT
+    @classmethod
+    def from_peft(cls, path, base_weights):
+        """Load a PEFT LoRA adapter directory onto base weights.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory with ``adapter_config.json`` and
+            ``adapter_model.safetensors``, as PEFT's ``save_pretrained`` writes.
+        base_weights : mapping or str or os.PathLike
+            Base weights by module name (``layers.0.self_attn.q_proj``) or by
+            state-dict key (``...q_proj.weight``, optionally prefixed with
+            ``model.`` or ``base_model.model.``); or the path of a
+            ``.safetensors`` file holding them.
+
+        Returns
+        -------
+        LoraAdapter
+            One layer per adapted module, named as in the adapter file
+            (without the ``base_model.model.`` prefix), unmerged and enabled.
+
+        Raises
+        ------
+        LoraUnsupportedError
+            For a feature numba_lora does not implement (DoRA, LoRA biases,
+            ``modules_to_save``, embedding or convolution adapters, ...).
+        LoraFormatError
+            For a malformed adapter (missing or unpaired tensors, shapes that
+            do not fit, a rank that disagrees with the config) or a missing
+            base weight; the message names the key.
+        """
+        from .peft import load_peft
+
+        return load_peft(cls, path, base_weights)
+
+    def save_peft(self, path):
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``.
+
+        PEFT's ``PeftModel.from_pretrained`` loads the result.  Factors are
+        written in the layers' dtype.
+        """
+        from .peft import save_peft
+
+        save_peft(self, path)
+
+    def __repr__(self):
+        c = self.config
+        return (f"{type(self).__name__}({len(self)} layers, rank={c.rank}, alpha={c.alpha:g}, "
+                f"use_rslora={c.use_rslora})")
