@@ -31,6 +31,7 @@ from .errors import (  # noqa: E402
 )
 from ._threads import get_num_threads, set_num_threads  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
+from .multi import MultiLoraLinear  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "LoraAdapter",
     "AdapterSummary",
+    "MultiLoraLinear",
     "kernels",
     "clear_cache",
     "set_num_threads",

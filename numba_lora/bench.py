@@ -37,7 +37,12 @@ ALPHA = 32.0
 
 @dataclass
 class Result:
-    """One benchmark row: medians in seconds, ratios to the dense baseline."""
+    """One benchmark row: medians in seconds, ratios to the baseline.
+
+    ``dense_s`` is the baseline's time: the dense product for forward rows,
+    a copy of W for merge rows, a single-adapter ``forward_batch`` of the
+    same rows for the multi-adapter rows (``baseline`` names it).
+    """
 
     op: str
     out_features: int
@@ -50,6 +55,7 @@ class Result:
     numba_lora_s: float
     numpy_s: float
     dense_s: float
+    baseline: str = "dense"
     ratio: float = field(init=False)
     numpy_ratio: float = field(init=False)
 
@@ -166,10 +172,56 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
         med = [np.median(np.array(s), axis=0) for s in samples]
         return [
             Result(name, batch=0, repeats=reps, numba_lora_s=float(med[0][k]),
-                   numpy_s=float(med[1][k]), dense_s=float(med[2][k]), **base)
+                   numpy_s=float(med[1][k]), dense_s=float(med[2][k]), baseline="copy of W",
+                   **base)
             for k, name in enumerate(("merge", "unmerge"))
         ]
-    raise ValueError(f"op must be 'forward' or 'merge', got {op!r}")
+    if op in ("multi_mixed", "multi_per_row"):
+        return [_multi_case(op, layer, rng, base)]
+    raise ValueError(f"op must be 'forward', 'merge', 'multi_mixed' or 'multi_per_row', got {op!r}")
+
+
+#: The two multi-adapter cases: (rows, adapters); rows are spread evenly.
+MULTI_CASES = {"multi_mixed": (512, 8), "multi_per_row": (64, 64)}
+
+
+def _multi_case(op, layer, rng, base):
+    """Many adapters in one batch vs one adapter on the same rows."""
+    from .multi import MultiLoraLinear
+
+    batch, n_adapters = MULTI_CASES[op]
+    W, dtype, rank = layer.weight, layer.dtype, layer.rank
+    multi = MultiLoraLinear(W)
+    factors = []
+    for i in range(n_adapters):
+        A = rng.uniform(-1, 1, (rank, layer.in_features)) / np.sqrt(layer.in_features)
+        B = rng.standard_normal((layer.out_features, rank)) * 0.01
+        multi.add_adapter(f"adapter{i}", A, B, ALPHA)
+        factors.append((A.astype(dtype), B.astype(dtype), ALPHA / rank))
+    layer.lora_a, layer.lora_b = factors[0][0], factors[0][1]
+    ids = np.arange(batch) % n_adapters
+    X = rng.standard_normal((batch, layer.in_features)).astype(dtype)
+    out = np.empty((batch, layer.out_features), dtype)
+
+    def numpy_loop():
+        # What a NumPy user writes: the dense product once, then each
+        # adapter's rows gathered, adapted and added back.
+        Y = X @ W.T
+        for i, (A, B, s) in enumerate(factors):
+            rows = np.flatnonzero(ids == i)
+            if rows.size:
+                Xi = X[rows]
+                Y[rows] += s * ((Xi @ A.T) @ B.T)
+        return Y
+
+    funcs = [
+        lambda: multi.forward_batch(X, ids, out=out),
+        numpy_loop,
+        lambda: layer.forward_batch(X, out=out),
+    ]
+    (t_multi, t_np, t_single), reps = _interleaved(funcs, 1.0)
+    return Result(op, batch=batch, repeats=reps, numba_lora_s=t_multi, numpy_s=t_np,
+                  dense_s=t_single, baseline=f"1 adapter, {n_adapters} in the batch", **base)
 
 
 def _current_threads():
@@ -217,7 +269,7 @@ def _set_threads(n):
 
 
 def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
-        batches=DEFAULT_BATCHES, threads=(None,), merge=True, budget_s=1.0,
+        batches=DEFAULT_BATCHES, threads=(None,), merge=True, multi=False, budget_s=1.0,
         progress=True):
     """Run every combination; return a list of :class:`Result`."""
     plan = []
@@ -229,11 +281,14 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
                         plan.append((n, "forward", shape, rank, dtype, batch))
                     if merge:
                         plan.append((n, "merge", shape, rank, dtype, 0))
+                    if multi:
+                        for op in MULTI_CASES:
+                            plan.append((n, op, shape, rank, dtype, MULTI_CASES[op][0]))
     bar = _Progress(len(plan)) if progress else None
     results = []
     for n, op, shape, rank, dtype, batch in plan:
         if bar:
-            what = "merge/unmerge" if op == "merge" else f"forward batch={batch}"
+            what = {"merge": "merge/unmerge", "forward": f"forward batch={batch}"}.get(op, op)
             bar.step(f"{what} {shape[0]}x{shape[1]} r={rank} {dtype}"
                      + (f" threads={n}" if n else ""))
         restore = _set_threads(n) if n else None
@@ -250,17 +305,26 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
 def format_table(results):
     """Results as a plain-text table."""
     header = (f"{'operation':<14}{'shape':>11}{'rank':>5}{'dtype':>8}{'batch':>6}{'thr':>4}"
-              f"{'numba_lora':>12}{'numpy':>11}{'dense':>11}{'lora/dense':>11}{'numpy/dense':>12}")
+              f"{'numba_lora':>12}{'numpy':>11}{'baseline':>11}{'lora/base':>11}{'numpy/base':>12}")
     lines = [header, "-" * len(header)]
+    baselines = []
     for r in results:
         batch = "-" if r.op in ("merge", "unmerge") else str(r.batch)
+        if r.baseline not in baselines:
+            baselines.append(r.baseline)
         lines.append(
             f"{r.op:<14}{f'{r.out_features}x{r.in_features}':>11}{r.rank:>5}{r.dtype:>8}"
             f"{batch:>6}{r.threads:>4}{_ms(r.numba_lora_s):>12}{_ms(r.numpy_s):>11}"
             f"{_ms(r.dense_s):>11}{r.ratio:>10.3f}x{r.numpy_ratio:>11.3f}x"
         )
-    lines.append("times are medians in ms; dense = W @ x / X @ W.T into a preallocated "
-                 "output, or np.copyto of W for merge/unmerge")
+    notes = {
+        "dense": "forward rows: the dense W @ x / X @ W.T into a preallocated output",
+        "copy of W": "merge rows: np.copyto of W (one read and one write of W)",
+    }
+    lines.append("times are medians in ms; baseline =")
+    for name in baselines:
+        lines.append("  " + notes.get(name, f"multi rows: a single-adapter forward_batch of the "
+                                              f"same rows ({name})"))
     return "\n".join(lines)
 
 
@@ -311,14 +375,35 @@ def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
 
 
 _MEMORY_SCRIPT = """
-import resource, sys
+import os, resource, sys
 import numpy as np
 from numba_lora import kernels
+
+
+def peak_bytes():
+    # Linux: VmHWM, which clear_refs can reset; elsewhere the lifetime peak.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
 
 out_features, in_features, rank, dtype, side = sys.argv[1:]
 out_features, in_features, rank = int(out_features), int(in_features), int(rank)
 rng = np.random.default_rng(0)
-# Filled row block by row block, so no W-sized temporary raises the peak first.
 W = np.empty((out_features, in_features), dtype)
 for i in range(0, out_features, 256):
     W[i:i + 256] = rng.standard_normal(W[i:i + 256].shape)
@@ -331,14 +416,14 @@ if side == "numba_lora":
 else:
     def op():
         W.__iadd__(s * (B @ A))
-# Warm-up for both sides alike (compilation, BLAS's buffers for this size),
-# with nothing W-sized allocated, so that the peak so far is W, A and B.
+# Warm-up for both sides alike (compilation, BLAS's buffers for this size);
+# the peak is then reset, so compiling cannot hide what the merge allocates.
 kernels.merge(W, A, B, s)
 kernels.unmerge(W, A, B, s)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak()
+before = peak_bytes()
 op()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+print(peak_bytes() - before)
 """
 
 
@@ -346,7 +431,9 @@ def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
     """Growth of peak RSS during one merge, in bytes, measured in a fresh process.
 
     ``side`` is ``"numba_lora"`` (``kernels.merge``) or ``"numpy"``
-    (``W += s * (B @ A)``).  Linux and macOS only (``resource`` module).
+    (``W += s * (B @ A)``).  On Linux the peak is reset after the warm-up
+    (``/proc/self/clear_refs``); elsewhere it is the process's lifetime peak,
+    which compilation may already have raised above the merge's.
     """
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(shape[0]), str(shape[1]), str(rank),
@@ -388,6 +475,8 @@ def parser():
     p.add_argument("--threads", type=_int_list, default=None,
                    help="comma-separated thread counts for Numba and BLAS (default: as set)")
     p.add_argument("--no-merge", action="store_true", help="skip merge/unmerge")
+    p.add_argument("--no-multi", action="store_true",
+                   help="skip the multi-adapter cases (512 rows over 8 adapters; 64 rows, 64 adapters)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="seconds of timing per case (default 1.0)")
     p.add_argument("--cold-start", action="store_true",
@@ -407,7 +496,7 @@ def main(argv=None):
             parser().error(f"--dtype must be float32 or float64, got {d!r}")
     results = run(shapes=args.shape or DEFAULT_SHAPES, ranks=args.rank, dtypes=dtypes,
                   batches=args.batch, threads=args.threads or [None],
-                  merge=not args.no_merge, budget_s=args.budget)
+                  merge=not args.no_merge, multi=not args.no_multi, budget_s=args.budget)
     report = dict(machine=machine_info(), results=[asdict(r) for r in results])
     if args.cold_start:
         import tempfile

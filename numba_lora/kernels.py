@@ -62,6 +62,9 @@ from ._blas import gemm_nn, gemm_nt, gemv_n
 from ._config import JIT_OPTIONS, STRICT_OPTIONS
 
 __all__ = [
+    "forward_batch_multi",
+    "forward_batch_multi_segmented",
+    "forward_batch_multi_rows",
     "forward",
     "forward_batch",
     "merge",
@@ -368,3 +371,11 @@ def count_nonfinite_merged(W, A, B, scaling):
     for ib in prange(_n_row_blocks(W)):
         count += _count_unsafe_row_block(W, A, B, scaling, ib, limit)
     return count
+
+
+# Many adapters over one base in one batch: defined beside, public here.
+from .multi_kernels import (  # noqa: E402
+    forward_batch_multi,
+    forward_batch_multi_rows,
+    forward_batch_multi_segmented,
+)

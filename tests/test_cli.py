@@ -17,11 +17,14 @@ def test_bench_json_and_table(capsys):
     rows = report["results"]
     ops = [(r["op"], r["rank"], r["batch"]) for r in rows]
     assert ops == [("forward", 2, 1), ("forward_batch", 2, 3), ("merge", 2, 0), ("unmerge", 2, 0),
-                   ("forward", 4, 1), ("forward_batch", 4, 3), ("merge", 4, 0), ("unmerge", 4, 0)]
+                   ("multi_mixed", 2, 512), ("multi_per_row", 2, 64),
+                   ("forward", 4, 1), ("forward_batch", 4, 3), ("merge", 4, 0), ("unmerge", 4, 0),
+                   ("multi_mixed", 4, 512), ("multi_per_row", 4, 64)]
+    assert {r["baseline"] for r in rows} >= {"dense", "copy of W"}
     for r in rows:
         assert r["numba_lora_s"] > 0 and r["dense_s"] > 0
         assert r["ratio"] == pytest.approx(r["numba_lora_s"] / r["dense_s"])
-    assert "lora/dense" in captured.err  # table goes to stderr when JSON goes to stdout
+    assert "lora/base" in captured.err  # table goes to stderr when JSON goes to stdout
     assert report["machine"]["numba"]
 
 

@@ -159,3 +159,47 @@ class ColdStart:
 
     def timeraw_import_and_first_forward(self):
         return self.code
+
+
+class MultiAdapter:
+    """Many adapters in one batch vs one adapter on the same rows (and NumPy's loop)."""
+
+    params = (["256x512"] if SMALL else ["4096x4096"], [16], ["float32"],
+              ["mixed_512x8", "per_row_64x64"])
+    param_names = ["shape", "rank", "dtype", "case"]
+
+    def setup(self, shape, rank, dtype, case):
+        from numba_lora import MultiLoraLinear
+
+        rows, n_adapters = {"mixed_512x8": (512, 8), "per_row_64x64": (64, 64)}[case]
+        rng, self.W, A, B = _arrays(shape, rank, dtype)
+        self.multi = MultiLoraLinear(self.W)
+        self.factors = []
+        for i in range(n_adapters):
+            Ai = rng.uniform(-1, 1, A.shape).astype(dtype) / np.sqrt(A.shape[1])
+            Bi = (0.01 * rng.standard_normal(B.shape)).astype(dtype)
+            self.multi.add_adapter(f"a{i}", Ai, Bi, 32.0)
+            self.factors.append((Ai, Bi, 32.0 / rank))
+        self.single = LoraLinear(self.W, rank, 32.0, seed=0)
+        self.single.lora_b = B
+        self.ids = np.arange(rows) % n_adapters
+        self.X = rng.standard_normal((rows, self.W.shape[1])).astype(dtype)
+        self.out = np.empty((rows, self.W.shape[0]), dtype)
+        self.multi.forward_batch(self.X, self.ids, out=self.out)
+        self.single.forward_batch(self.X, out=self.out)
+
+    def time_multi(self, shape, rank, dtype, case):
+        self.multi.forward_batch(self.X, self.ids, out=self.out)
+
+    def time_single_adapter(self, shape, rank, dtype, case):
+        self.single.forward_batch(self.X, out=self.out)
+
+    def time_numpy_loop(self, shape, rank, dtype, case):
+        Y = self.X @ self.W.T
+        for i, (A, B, s) in enumerate(self.factors):
+            rows = np.flatnonzero(self.ids == i)
+            if rows.size:
+                Y[rows] += s * ((self.X[rows] @ A.T) @ B.T)
+
+    def peakmem_multi(self, shape, rank, dtype, case):
+        self.multi.forward_batch(self.X, self.ids, out=self.out)

@@ -1,0 +1,268 @@
+"""``MultiLoraLinear``: one frozen base weight, many named adapters, adapter chosen per row."""
+
+import math
+import threading
+from collections import namedtuple
+
+import numpy as np
+
+from . import multi_kernels
+from ._validate import as_factor, as_real_array, as_weight, check_alpha, check_out, check_shape
+from .errors import LoraConfigError, LoraKeyError, LoraShapeError
+from .layer import LoraLinear
+
+__all__ = ["MultiLoraLinear"]
+
+# What a forward call reads, replaced whole on every change, so that a call
+# running in another thread always sees one consistent set of adapters.
+_Packed = namedtuple("_Packed", "names index A_cat BT_cat offsets scalings ranks alphas")
+
+
+class MultiLoraLinear:
+    """A frozen weight ``W`` with many LoRA adapters, one chosen per input row.
+
+    ``forward_batch(X, adapter_ids)`` computes, for each row ``b`` with
+    adapter ``i = adapter_ids[b]``, ``W @ X[b] + s_i * B_i @ (A_i @ X[b])``,
+    and ``W @ X[b]`` where the id is ``-1`` (or the name is ``None``).  The
+    dense product is one BLAS call for the whole batch; see
+    :mod:`numba_lora.multi_kernels` for the two paths that add the low-rank
+    terms.  There is no "active adapter": the choice is per call, so Python
+    threads may call ``forward_batch`` on one layer at the same time.
+
+    Parameters
+    ----------
+    weight : array_like, shape (out_features, in_features)
+        Base weight (float16 is widened to float32; see :class:`LoraLinear`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import MultiLoraLinear
+    >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+    >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+    >>> layer.add_adapter("b", np.zeros((2, 4)), np.zeros((4, 2)), alpha=2.0)
+    >>> layer.forward_batch(np.ones((3, 4)), ["a", "b", None])
+    array([[5., 5., 5., 5.],
+           [1., 1., 1., 1.],
+           [1., 1., 1., 1.]], dtype=float32)
+    """
+
+    def __init__(self, weight):
+        self._W = as_weight(weight)
+        self._lock = threading.Lock()
+        out_features, in_features = self._W.shape
+        self._packed = _Packed((), {}, np.empty((0, in_features), self._W.dtype),
+                               np.empty((0, out_features), self._W.dtype),
+                               np.zeros(1, np.int64), np.empty(0, np.float64), (), ())
+
+    # ------------------------------------------------------------- adapters
+    @property
+    def in_features(self):
+        """int: Length of an input row."""
+        return self._W.shape[1]
+
+    @property
+    def out_features(self):
+        """int: Length of an output row."""
+        return self._W.shape[0]
+
+    @property
+    def dtype(self):
+        """numpy.dtype: The layer's dtype."""
+        return self._W.dtype
+
+    @property
+    def weight(self):
+        """ndarray: Read-only view of the base weight."""
+        view = self._W.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def adapter_names(self):
+        """list of str: Adapter names; an adapter's id is its position here."""
+        return list(self._packed.names)
+
+    def __len__(self):
+        return len(self._packed.names)
+
+    def __contains__(self, name):
+        return name in self._packed.index
+
+    def scaling(self, name):
+        """The scaling of adapter ``name``."""
+        return float(self._packed.scalings[self._id(name)])
+
+    def rank(self, name):
+        """The rank of adapter ``name``."""
+        return self._packed.ranks[self._id(name)]
+
+    def add_adapter(self, name, A, B, alpha, *, use_rslora=False):
+        """Add adapter ``name`` with factors A (rank, in_features), B (out_features, rank).
+
+        ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+        Factors are copied and converted to the layer's dtype.  Ranks may
+        differ between adapters.
+        """
+        if not isinstance(name, str) or not name:
+            raise LoraConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        alpha = check_alpha(alpha)
+        A = as_real_array(A, "A", self.dtype)
+        if A.ndim != 2 or A.shape[0] < 1:
+            raise LoraShapeError(f"A must be 2-D (rank >= 1, in_features={self.in_features}), "
+                                 f"got shape {A.shape}")
+        rank = A.shape[0]
+        A = as_factor(A, "A", (rank, self.in_features), ("rank", "in_features"), self.dtype)
+        B = as_factor(B, "B", (self.out_features, rank), ("out_features", "rank"), self.dtype)
+        self._insert(name, A, B, alpha / (math.sqrt(rank) if use_rslora else rank), alpha)
+
+    def _insert(self, name, A, B, scaling, alpha):
+        with self._lock:
+            packed = self._packed
+            if name in packed.index:
+                raise LoraConfigError(f"layer already has an adapter named {name!r}")
+            self._packed = self._pack(
+                packed.names + (name,),
+                [self._factors(packed, i) for i in range(len(packed.names))] + [(A, B.T)],
+                np.append(packed.scalings, scaling),
+                packed.alphas + (alpha,),
+            )
+
+    def add_layer(self, name, layer):
+        """Add the adapter of ``layer`` (a :class:`LoraLinear` over this base weight).
+
+        Its ``lora_a``, ``lora_b`` and scaling are taken; its own weight is
+        not looked at, only its shape and dtype are checked.
+        """
+        if not isinstance(layer, LoraLinear):
+            raise TypeError(f"layer must be a LoraLinear, got {type(layer).__name__}")
+        if (layer.out_features, layer.in_features) != self._W.shape:
+            raise LoraShapeError(
+                f"layer {name!r} is {layer.out_features}x{layer.in_features}, "
+                f"expected {self.out_features}x{self.in_features}"
+            )
+        if not isinstance(name, str) or not name:
+            raise LoraConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        # The layer's own scaling, as it is (rsLoRA or not): no recomputation.
+        self._insert(name, np.array(layer.lora_a, self.dtype), np.array(layer.lora_b, self.dtype),
+                     layer.scaling, layer.alpha)
+
+    def remove_adapter(self, name):
+        """Remove adapter ``name``; later adapters' ids shift down by one."""
+        with self._lock:
+            packed = self._packed
+            drop = self._id(name, packed)
+            keep = [i for i in range(len(packed.names)) if i != drop]
+            self._packed = self._pack(
+                tuple(packed.names[i] for i in keep),
+                [self._factors(packed, i) for i in keep],
+                packed.scalings[keep],
+                tuple(packed.alphas[i] for i in keep),
+            )
+
+    @staticmethod
+    def _factors(packed, i):
+        r0, r1 = packed.offsets[i], packed.offsets[i + 1]
+        return packed.A_cat[r0:r1], packed.BT_cat[r0:r1]
+
+    def _pack(self, names, factors, scalings, alphas):
+        ranks = tuple(a.shape[0] for a, _ in factors)
+        offsets = np.zeros(len(names) + 1, np.int64)
+        offsets[1:] = np.cumsum(ranks, dtype=np.int64)
+        A_cat = np.empty((offsets[-1], self.in_features), self.dtype)
+        BT_cat = np.empty((offsets[-1], self.out_features), self.dtype)
+        for (a, bt), r0, r1 in zip(factors, offsets[:-1], offsets[1:]):
+            A_cat[r0:r1] = a
+            BT_cat[r0:r1] = bt
+        return _Packed(names, {n: i for i, n in enumerate(names)}, A_cat, BT_cat, offsets,
+                       np.ascontiguousarray(scalings, np.float64), ranks, alphas)
+
+    def _id(self, name, packed=None):
+        packed = packed or self._packed
+        try:
+            return packed.index[name]
+        except (KeyError, TypeError):
+            raise LoraKeyError(
+                f"no adapter named {name!r} (adapters: {', '.join(map(repr, packed.names)) or 'none'})"
+            ) from None
+
+    # -------------------------------------------------------------- forward
+    def _ids(self, adapter_ids, batch, packed):
+        n = len(packed.names)
+        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "iu":
+            ids = adapter_ids.astype(np.int64, copy=False)
+        else:
+            if isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__len__"):
+                raise TypeError(
+                    "adapter_ids must be a sequence (one entry per row: an int id, a name, "
+                    f"or None), got {type(adapter_ids).__name__}"
+                )
+            ids = np.empty(len(adapter_ids), np.int64)
+            for row, entry in enumerate(adapter_ids):
+                if entry is None:
+                    ids[row] = -1
+                elif isinstance(entry, str):
+                    ids[row] = self._id(entry, packed)
+                elif isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+                    ids[row] = entry
+                else:
+                    raise TypeError(
+                        f"adapter_ids[{row}] must be an int id, a name or None, got {entry!r}"
+                    )
+        if ids.ndim != 1 or ids.shape[0] != batch:
+            raise LoraShapeError(
+                f"adapter_ids must have one entry per row of X ({batch}), got shape {ids.shape}"
+            )
+        bad = np.flatnonzero((ids < -1) | (ids >= n))
+        if bad.size:
+            row = int(bad[0])
+            raise LoraKeyError(
+                f"adapter id {int(ids[row])} at row {row} is out of range: expected -1 "
+                f"(base only) or 0..{n - 1} for the {n} adapters"
+            )
+        return np.ascontiguousarray(ids)
+
+    def forward_batch(self, X, adapter_ids, out=None, *, path="auto"):
+        """Apply each row's adapter (or none) to a batch.
+
+        Parameters
+        ----------
+        X : array_like, shape (batch, in_features)
+            Input rows; converted to the layer's dtype.
+        adapter_ids : array_like of int, or sequence of str or None
+            One entry per row: an adapter's index in :attr:`adapter_names`
+            (``-1`` for the base weight only), or its name (``None`` for the
+            base weight only).
+        out : ndarray, shape (batch, out_features), optional
+            Where to write the result.
+        path : {"auto", "segmented", "rows"}, optional
+            Which kernel adds the low-rank terms (see
+            :mod:`numba_lora.multi_kernels`); ``"auto"`` chooses by the
+            batch's shape.
+
+        Returns
+        -------
+        ndarray, shape (batch, out_features)
+        """
+        packed = self._packed
+        X = np.asarray(as_real_array(X, "X", self.dtype), order="C")
+        check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        ids = self._ids(adapter_ids, X.shape[0], packed)
+        if out is None:
+            out = np.empty((X.shape[0], self.out_features), self.dtype)
+        else:
+            check_out(out, (X.shape[0], self.out_features), self.dtype,
+                      (X, self._W, packed.A_cat, packed.BT_cat))
+        try:
+            kernel = {"auto": multi_kernels.forward_batch_multi,
+                      "segmented": multi_kernels.forward_batch_multi_segmented,
+                      "rows": multi_kernels.forward_batch_multi_rows}[path]
+        except KeyError:
+            raise ValueError(f"path must be 'auto', 'segmented' or 'rows', got {path!r}") from None
+        return kernel(self._W, packed.A_cat, packed.BT_cat, packed.offsets, packed.scalings,
+                      X, ids, out)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(out_features={self.out_features}, "
+                f"in_features={self.in_features}, dtype={self.dtype}, "
+                f"adapters={list(self._packed.names)})")

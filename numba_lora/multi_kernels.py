@@ -1,0 +1,240 @@
+"""Kernels for many adapters over one base weight in one batch (multi-LoRA serving).
+
+Each row of a batch names its own adapter (or none).  The dense product is
+one BLAS call for the whole batch; the low-rank terms are added per row by
+one of two paths:
+
+- segmented (SGMV-like): rows are grouped by adapter with a counting sort,
+  and each adapter's rows go through two small gemms, shrink
+  ``X_seg @ A_i.T`` and expand ``(s_i * T) @ B_i.T``;
+- per row (BGMV-like): for each row, ``t = A_i @ x`` and
+  ``out += s_i * B_i @ t`` in plain loops, for batches where nearly every
+  row has its own adapter and gemms of one row would be all overhead.
+
+Adapter weights are never copied per row.  All kernels release the GIL, so
+Python threads can run batches side by side on one layer.
+
+Packed adapter arrays
+---------------------
+``N`` adapters of ranks ``r_0 .. r_{N-1}`` are passed packed:
+
+- ``A_cat`` (R, in_features): the A factors stacked row-wise,
+  ``A_cat[offsets[i]:offsets[i+1]] == A_i``;
+- ``BT_cat`` (R, out_features): the B factors, transposed, stacked row-wise,
+  ``BT_cat[offsets[i]:offsets[i+1]] == B_i.T``;
+- ``offsets`` (N + 1,) int64, ``offsets[0] == 0``, ``offsets[N] == R``;
+- ``scalings`` (N,) float64;
+- ``ids`` (batch,) int64: the adapter of each row, ``-1`` for the base only.
+
+Everything C-contiguous, W, A_cat, BT_cat, X and out of one dtype (float32 or
+float64).  Ids outside ``[-1, N)`` raise ``ValueError``.
+"""
+
+import numpy as np
+from numba import njit
+
+from ._blas import gemm_nn, gemm_nt
+from ._config import JIT_OPTIONS
+
+__all__ = [
+    "forward_batch_multi",
+    "forward_batch_multi_segmented",
+    "forward_batch_multi_rows",
+    "group_rows",
+    "SEGMENTED_MIN_ROWS",
+]
+
+#: forward_batch_multi takes the segmented path when the rows that use an
+#: adapter average at least this many per adapter in use, else the per-row
+#: path.  Measured on 4096 x 4096 float32, rank 16, 64 rows: with 2 rows per
+#: adapter the segmented path took 1.12x a single-adapter batch and the
+#: per-row path 1.22x; with 1 row per adapter, 1.21x and 1.19x.
+SEGMENTED_MIN_ROWS = 2
+
+
+@njit(**JIT_OPTIONS)
+def _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    out_features, in_features = W.shape
+    n_adapters = scalings.shape[0]
+    if offsets.shape[0] != n_adapters + 1:
+        raise ValueError("offsets must have one more entry than scalings")
+    if offsets[0] != 0 or offsets[n_adapters] != A_cat.shape[0]:
+        raise ValueError("offsets must start at 0 and end at A_cat.shape[0]")
+    for i in range(n_adapters):
+        if offsets[i + 1] < offsets[i]:
+            raise ValueError("offsets must be non-decreasing")
+    if A_cat.shape[1] != in_features or BT_cat.shape[1] != out_features:
+        raise ValueError("A_cat must be (R, in_features) and BT_cat (R, out_features)")
+    if BT_cat.shape[0] != A_cat.shape[0]:
+        raise ValueError("A_cat and BT_cat must have the same number of rows")
+    batch = X.shape[0]
+    if X.shape[1] != in_features or out.shape[0] != batch or out.shape[1] != out_features:
+        raise ValueError("X must be (batch, in_features) and out (batch, out_features)")
+    if ids.shape[0] != batch:
+        raise ValueError("ids must have one entry per row of X")
+    for b in range(batch):
+        if ids[b] < -1 or ids[b] >= n_adapters:
+            raise ValueError("adapter id out of range: must be -1 or in [0, n_adapters)")
+    if not (W.flags.c_contiguous and A_cat.flags.c_contiguous and BT_cat.flags.c_contiguous
+            and X.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("W, A_cat, BT_cat, X and out must be C-contiguous")
+
+
+@njit(**JIT_OPTIONS)
+def group_rows(ids, n_adapters):
+    """Counting sort of rows by adapter.
+
+    Returns
+    -------
+    order : ndarray of int64, shape (rows using an adapter,)
+        Row indices, grouped by adapter, in row order within each group.
+    starts : ndarray of int64, shape (n_adapters + 1,)
+        ``order[starts[i]:starts[i+1]]`` are the rows of adapter ``i``.
+    """
+    counts = np.zeros(n_adapters + 1, dtype=np.int64)
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            counts[ids[b] + 1] += 1
+    for i in range(n_adapters):
+        counts[i + 1] += counts[i]
+    order = np.empty(counts[n_adapters], dtype=np.int64)
+    fill = counts[:n_adapters].copy()
+    for b in range(ids.shape[0]):
+        i = ids[b]
+        if i >= 0:
+            order[fill[i]] = b
+            fill[i] += 1
+    return order, counts
+
+
+@njit(**JIT_OPTIONS)
+def _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out):
+    """Add the low-rank term of each row, adapter segment by adapter segment."""
+    n_adapters = scalings.shape[0]
+    order, starts = group_rows(ids, n_adapters)
+    n_rows = order.shape[0]
+    if n_rows == 0:
+        return
+    in_features = X.shape[1]
+    out_features = out.shape[1]
+    max_rank = 0
+    for i in range(n_adapters):
+        max_rank = max(max_rank, offsets[i + 1] - offsets[i])
+    # Activations are gathered (the adapters' weights never are).
+    Xs = np.empty((n_rows, in_features), dtype=X.dtype)
+    for k in range(n_rows):
+        Xs[k] = X[order[k]]
+    Z = np.empty((n_rows, out_features), dtype=out.dtype)
+    T = np.empty(n_rows * max(max_rank, 1), dtype=out.dtype)
+    for i in range(n_adapters):
+        s0, s1 = starts[i], starts[i + 1]
+        r0, r1 = offsets[i], offsets[i + 1]
+        if s1 == s0:
+            continue
+        if r1 == r0 or scalings[i] == 0:
+            Z[s0:s1] = 0
+            continue
+        Ti = T[: (s1 - s0) * (r1 - r0)].reshape((s1 - s0, r1 - r0))
+        gemm_nt(1.0, Xs[s0:s1], A_cat[r0:r1], 0.0, Ti)
+        gemm_nn(scalings[i], Ti, BT_cat[r0:r1], 0.0, Z[s0:s1])
+    for k in range(n_rows):
+        row = out[order[k]]
+        z = Z[k]
+        for j in range(out_features):
+            row[j] += z[j]
+
+
+@njit(**JIT_OPTIONS)
+def _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out):
+    """Add the low-rank term of each row with loops: no gemm per row."""
+    max_rank = 0
+    for i in range(scalings.shape[0]):
+        max_rank = max(max_rank, offsets[i + 1] - offsets[i])
+    t = np.empty(max(max_rank, 1), dtype=out.dtype)
+    zero = out.dtype.type(0)
+    for b in range(X.shape[0]):
+        i = ids[b]
+        if i < 0 or scalings[i] == 0:
+            continue
+        r0, r1 = offsets[i], offsets[i + 1]
+        x = X[b]
+        s = out.dtype.type(scalings[i])
+        for k in range(r1 - r0):
+            a = A_cat[r0 + k]
+            acc = zero
+            for j in range(x.shape[0]):
+                acc += a[j] * x[j]
+            t[k] = s * acc
+        row = out[b]
+        for k in range(r1 - r0):
+            c = t[k]
+            bt = BT_cat[r0 + k]
+            for j in range(row.shape[0]):
+                row[j] += c * bt[j]
+
+
+@njit(**JIT_OPTIONS)
+def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    """``out[b] = W @ X[b] + s_i * B_i @ (A_i @ X[b])`` with ``i = ids[b]``, segmented path.
+
+    One gemm for the dense product of the whole batch, then per adapter in
+    use a shrink and an expand gemm over that adapter's rows.  See the
+    module docstring for the packed arguments.
+
+    Returns
+    -------
+    out : ndarray, shape (batch, out_features)
+    """
+    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
+    if X.shape[0] == 0:
+        return out
+    gemm_nt(1.0, X, W, 0.0, out)
+    _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def forward_batch_multi_rows(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    """The same as :func:`forward_batch_multi_segmented`, per-row path.
+
+    One gemm for the dense product, then loops over rows: ``t = s_i * A_i @
+    x`` and ``out[b] += t @ B_i.T``, on the calling thread.
+    """
+    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
+    if X.shape[0] == 0:
+        return out
+    gemm_nt(1.0, X, W, 0.0, out)
+    _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def forward_batch_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    """Many adapters in one batch; picks the segmented or the per-row path.
+
+    Segmented when the rows using an adapter average at least
+    ``SEGMENTED_MIN_ROWS`` per adapter in use, per row otherwise.  Arguments
+    and result as for :func:`forward_batch_multi_segmented`.
+    """
+    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
+    if X.shape[0] == 0:
+        return out
+    n_adapters = scalings.shape[0]
+    seen = np.zeros(max(n_adapters, 1), dtype=np.bool_)
+    used_rows = 0
+    used_adapters = 0
+    for b in range(ids.shape[0]):
+        i = ids[b]
+        if i >= 0:
+            used_rows += 1
+            if not seen[i]:
+                seen[i] = True
+                used_adapters += 1
+    gemm_nt(1.0, X, W, 0.0, out)
+    if used_rows == 0:
+        return out
+    if used_rows >= SEGMENTED_MIN_ROWS * used_adapters:
+        _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    else:
+        _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    return out
