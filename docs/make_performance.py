@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 def table(report):
     rows = [("operation", "shape", "rank", "dtype", "batch", "threads",
-             "numba_lora ms", "numpy ms", "dense ms", "lora/dense", "numpy/dense")]
+             "numba_lora ms", "numpy ms", "baseline ms", "lora/base", "numpy/base")]
     for r in report["results"]:
         rows.append((
             r["op"], f"{r['out_features']}x{r['in_features']}", str(r["rank"]), r["dtype"],
@@ -34,7 +34,11 @@ def table(report):
     lines.append(rule)
     m = report["machine"]
     head = (f"Measured with numba {m['numba']}, numpy {m['numpy']}, scipy {m['scipy']}, "
-            f"Python {m['python']} on {m['cpus']} CPUs ({m['machine']}).\n\n")
+            f"Python {m['python']} on {m['cpus']} CPUs ({m['machine']}).  The baseline is "
+            "the dense product for forward rows, ``np.copyto`` of W for merge rows, and a "
+            "single-adapter ``forward_batch`` of the same rows for the multi-adapter rows "
+            "(``multi_mixed``: 512 rows over 8 adapters; ``multi_per_row``: 64 rows, "
+            "64 adapters).\n\n")
     extra = ""
     for row in report.get("memory", []):
         extra += (f"\n\nPeak extra memory of one merge, {row['out_features']}x{row['in_features']} "
@@ -51,38 +55,60 @@ def table(report):
     return head + "\n".join(lines) + "\n" + extra
 
 
+def _label(r):
+    return (f"{r['out_features']}x{r['in_features']} r={r['rank']} "
+            f"{r['dtype']} {r['threads']}t")
+
+
+def _barh(ax, rows, title, xlabel):
+    labels = [f"{r['op']} {_label(r)}" for r in rows]
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r["ratio"] for r in rows], 0.4, label="numba_lora")
+    ax.barh([y + 0.2 for y in ys], [r["numpy_ratio"] for r in rows], 0.4, label="numpy")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(ys), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def plot(report, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    forward = [r for r in report["results"] if r["op"].startswith("forward")]
-    for key in sorted({(r["out_features"], r["in_features"], r["rank"], r["dtype"], r["threads"])
-                       for r in forward}):
-        pts = sorted((r["batch"], r["ratio"], r["numpy_ratio"]) for r in forward
-                     if (r["out_features"], r["in_features"], r["rank"], r["dtype"], r["threads"]) == key)
-        label = f"{key[0]}x{key[1]} r={key[2]} {key[3]} t={key[4]}"
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"numba_lora {label}")
-        ax1.plot([p[0] for p in pts], [p[2] for p in pts], "x--", alpha=0.6, label=f"numpy {label}")
-    ax1.axhline(1.0, color="k", lw=0.8)
-    ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("batch rows (1 = one vector)")
-    ax1.set_ylabel("time / dense product")
-    ax1.set_title("forward")
-    ax1.legend(fontsize=6)
-    merges = [r for r in report["results"] if r["op"] in ("merge", "unmerge")]
-    labels = [f"{r['op']}\n{r['out_features']}x{r['in_features']}\nr={r['rank']} {r['dtype']}"
-              for r in merges]
-    xs = range(len(merges))
-    ax2.bar([x - 0.2 for x in xs], [r["ratio"] for r in merges], 0.4, label="numba_lora")
-    ax2.bar([x + 0.2 for x in xs], [r["numpy_ratio"] for r in merges], 0.4, label="numpy")
-    ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set_xticks(list(xs), labels, fontsize=6)
-    ax2.set_ylabel("time / np.copyto of W")
-    ax2.set_title("merge / unmerge")
-    ax2.legend(fontsize=7)
+    results = report["results"]
+    forward = [r for r in results if r["op"].startswith("forward")]
+    merges = [r for r in results if r["op"] in ("merge", "unmerge")]
+    multi = [r for r in results if r["op"].startswith("multi")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    ax = axes[0]
+    keys = sorted({(r["out_features"], r["in_features"], r["rank"], r["dtype"], r["threads"])
+                   for r in forward})
+    colors = plt.get_cmap("tab10")
+    for n, key in enumerate(keys):
+        rows = sorted((r for r in forward
+                       if (r["out_features"], r["in_features"], r["rank"], r["dtype"], r["threads"]) == key),
+                      key=lambda r: r["batch"])
+        xs = [r["batch"] for r in rows]
+        color = colors(n % 10)
+        ax.plot(xs, [r["ratio"] for r in rows], "o-", color=color, label=_label(rows[0]))
+        ax.plot(xs, [r["numpy_ratio"] for r in rows], "x--", color=color, alpha=0.5)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.02, color="k", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch rows (1 = one vector)", fontsize=8)
+    ax.set_ylabel("time / dense product (solid: numba_lora, dashed: NumPy)", fontsize=8)
+    ax.set_title("forward: ratio to the dense product (dotted: 1.02 target)", fontsize=9)
+    ax.legend(fontsize=6)
+    _barh(axes[1], merges, "merge / unmerge: ratio to np.copyto of W", "time / copy of W")
+    if multi:
+        _barh(axes[2], multi, "many adapters: ratio to a single-adapter batch",
+              "time / single-adapter forward_batch")
+    else:
+        axes[2].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

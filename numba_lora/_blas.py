@@ -212,26 +212,46 @@ _dgemv = _gemv_ext(types.float64)
 
 
 @njit(cache=True, nogil=True)
+def _scale(beta, c):
+    """c = beta * c, with beta == 0 writing zeros (as BLAS does) even over NaN."""
+    flat = c.reshape(-1)
+    for i in range(flat.shape[0]):
+        flat[i] = beta * flat[i] if beta != 0 else 0
+
+
+@njit(cache=True, nogil=True)
+def _gemm(trans_b, alpha, a, b, beta, c):
+    """c = alpha * a @ op(b) + beta * c, op(b) = b.T if trans_b else b; C-contiguous arrays."""
+    m, k = a.shape
+    n = c.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        _scale(beta, c)
+        return
+    tb = CBLAS_TRANS if trans_b else CBLAS_NO_TRANS
+    ldb = b.shape[1]
+    if c.itemsize == 4:
+        _sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, tb, m, n, k, np.float32(alpha),
+               a.ctypes, k, b.ctypes, ldb, np.float32(beta), c.ctypes, n)
+    else:
+        _dgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, tb, m, n, k, np.float64(alpha),
+               a.ctypes, k, b.ctypes, ldb, np.float64(beta), c.ctypes, n)
+
+
+@njit(cache=True, nogil=True)
 def gemm_nt(alpha, a, b, beta, c):
     """``c = alpha * a @ b.T + beta * c`` for C-contiguous a (m, k), b (n, k), c (m, n).
 
     One dtype, float32 or float64.
     """
-    m, k = a.shape
-    n = b.shape[0]
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        for i in range(m):
-            for j in range(n):
-                c[i, j] = beta * c[i, j] if beta != 0 else 0
-        return
-    if c.itemsize == 4:
-        _sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, m, n, k, np.float32(alpha),
-               a.ctypes, k, b.ctypes, k, np.float32(beta), c.ctypes, n)
-    else:
-        _dgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, m, n, k, np.float64(alpha),
-               a.ctypes, k, b.ctypes, k, np.float64(beta), c.ctypes, n)
+    _gemm(True, alpha, a, b, beta, c)
+
+
+@njit(cache=True, nogil=True)
+def gemm_nn(alpha, a, b, beta, c):
+    """``c = alpha * a @ b + beta * c`` for C-contiguous a (m, k), b (k, n), c (m, n)."""
+    _gemm(False, alpha, a, b, beta, c)
 
 
 @njit(cache=True, nogil=True)
@@ -241,8 +261,7 @@ def gemv_n(alpha, a, x, beta, y):
     if m == 0:
         return
     if k == 0:
-        for i in range(m):
-            y[i] = beta * y[i] if beta != 0 else 0
+        _scale(beta, y)
         return
     if y.itemsize == 4:
         _sgemv(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, m, k, np.float32(alpha), a.ctypes, k,
@@ -250,23 +269,3 @@ def gemv_n(alpha, a, x, beta, y):
     else:
         _dgemv(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, m, k, np.float64(alpha), a.ctypes, k,
                x.ctypes, 1, np.float64(beta), y.ctypes, 1)
-
-
-@njit(cache=True, nogil=True)
-def gemm_nn(alpha, a, b, beta, c):
-    """``c = alpha * a @ b + beta * c`` for C-contiguous a (m, k), b (k, n), c (m, n)."""
-    m, k = a.shape
-    n = b.shape[1]
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        for i in range(m):
-            for j in range(n):
-                c[i, j] = beta * c[i, j] if beta != 0 else 0
-        return
-    if c.itemsize == 4:
-        _sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, m, n, k, np.float32(alpha),
-               a.ctypes, k, b.ctypes, n, np.float32(beta), c.ctypes, n)
-    else:
-        _dgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, m, n, k, np.float64(alpha),
-               a.ctypes, k, b.ctypes, n, np.float64(beta), c.ctypes, n)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from . import kernels
+from ._base import FrozenWeight, readonly
 from ._validate import (
     as_factor,
     as_real_array,
@@ -23,13 +24,7 @@ from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraSta
 __all__ = ["LoraLinear"]
 
 
-def _readonly(array):
-    view = array.view()
-    view.flags.writeable = False
-    return view
-
-
-class LoraLinear:
+class LoraLinear(FrozenWeight):
     """A linear layer ``y = W x + scaling * B (A x)`` with frozen ``W``.
 
     Parameters
@@ -102,16 +97,6 @@ class LoraLinear:
 
     # ------------------------------------------------------------------ shape
     @property
-    def in_features(self):
-        """int: Length of an input vector."""
-        return self._W.shape[1]
-
-    @property
-    def out_features(self):
-        """int: Length of an output vector."""
-        return self._W.shape[0]
-
-    @property
     def rank(self):
         """int: Rank of the low-rank update."""
         return self._rank
@@ -131,21 +116,11 @@ class LoraLinear:
         """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
         return self._scaling
 
-    @property
-    def dtype(self):
-        """numpy.dtype: The layer's dtype (float32 or float64)."""
-        return self._W.dtype
-
     # ------------------------------------------------------------- parameters
-    @property
-    def weight(self):
-        """ndarray: Read-only view of the current W (merged or not)."""
-        return _readonly(self._W)
-
     @property
     def lora_a(self):
         """ndarray: Read-only view of A, shape (rank, in_features)."""
-        return _readonly(self._A)
+        return readonly(self._A)
 
     @lora_a.setter
     def lora_a(self, value):
@@ -154,7 +129,7 @@ class LoraLinear:
     @property
     def lora_b(self):
         """ndarray: Read-only view of B, shape (out_features, rank)."""
-        return _readonly(self._B)
+        return readonly(self._B)
 
     @lora_b.setter
     def lora_b(self, value):

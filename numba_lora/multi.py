@@ -7,6 +7,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import multi_kernels
+from ._base import FrozenWeight
 from ._validate import as_factor, as_real_array, as_weight, check_alpha, check_out, check_shape
 from .errors import LoraConfigError, LoraKeyError, LoraShapeError
 from .layer import LoraLinear
@@ -18,7 +19,7 @@ __all__ = ["MultiLoraLinear"]
 _Packed = namedtuple("_Packed", "names index A_cat BT_cat offsets scalings ranks alphas")
 
 
-class MultiLoraLinear:
+class MultiLoraLinear(FrozenWeight):
     """A frozen weight ``W`` with many LoRA adapters, one chosen per input row.
 
     ``forward_batch(X, adapter_ids)`` computes, for each row ``b`` with
@@ -56,28 +57,6 @@ class MultiLoraLinear:
                                np.zeros(1, np.int64), np.empty(0, np.float64), (), ())
 
     # ------------------------------------------------------------- adapters
-    @property
-    def in_features(self):
-        """int: Length of an input row."""
-        return self._W.shape[1]
-
-    @property
-    def out_features(self):
-        """int: Length of an output row."""
-        return self._W.shape[0]
-
-    @property
-    def dtype(self):
-        """numpy.dtype: The layer's dtype."""
-        return self._W.dtype
-
-    @property
-    def weight(self):
-        """ndarray: Read-only view of the base weight."""
-        view = self._W.view()
-        view.flags.writeable = False
-        return view
-
     @property
     def adapter_names(self):
         """list of str: Adapter names; an adapter's id is its position here."""

@@ -1,0 +1,34 @@
+"""What every layer over a frozen weight shares: shape, dtype, a read-only view of W."""
+
+
+class FrozenWeight:
+    """Mixin for classes that keep their weight, C-contiguous, in ``self._W``."""
+
+    __slots__ = ()
+
+    @property
+    def in_features(self):
+        """int: Length of an input vector (columns of W)."""
+        return self._W.shape[1]
+
+    @property
+    def out_features(self):
+        """int: Length of an output vector (rows of W)."""
+        return self._W.shape[0]
+
+    @property
+    def dtype(self):
+        """numpy.dtype: The layer's dtype (float32 or float64)."""
+        return self._W.dtype
+
+    @property
+    def weight(self):
+        """ndarray: Read-only view of the current W."""
+        return readonly(self._W)
+
+
+def readonly(array):
+    """A view of ``array`` that cannot be written through."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
