@@ -18,7 +18,8 @@ address, is compiled in, ``cache=True`` works, and a cache stays valid when
 the library behind the names changes.  Where NumPy's BLAS cannot be found
 (NumPy built against MKL or Accelerate, say), the names are bound to small
 ctypes adapters that do the same arithmetic with NumPy's ``matmul``: correct,
-a few microseconds slower per call.  :data:`PROVIDER` says which is in use.
+a few microseconds slower per call.  :data:`PROVIDER` says which is in use;
+``NUMBA_LORA_BLAS=numpy-matmul`` forces the adapters.
 """
 
 import ctypes
@@ -166,7 +167,10 @@ def set_blas_threads(n):
 
 
 def _register():
-    found = _find_numpy_cblas()
+    # NUMBA_LORA_BLAS=numpy-matmul forces the ctypes adapters (for testing
+    # them, or to rule NumPy's OpenBLAS out when chasing a problem).
+    forced = os.environ.get("NUMBA_LORA_BLAS", "") == "numpy-matmul"
+    found = None if forced else _find_numpy_cblas()
     if found is not None:
         path, lib, addresses = found
         _THREAD_CONTROL.update(_thread_control(lib))
