@@ -56,12 +56,18 @@ class Result:
     numpy_s: float
     dense_s: float
     baseline: str = "dense"
+    peft_s: float = None
+    peft_single_s: float = None
     ratio: float = field(init=False)
     numpy_ratio: float = field(init=False)
+    peft_ratio: float = field(init=False)
 
     def __post_init__(self):
         self.ratio = self.numba_lora_s / self.dense_s
         self.numpy_ratio = self.numpy_s / self.dense_s
+        # PEFT against PEFT's own single-adapter batch, timed apart from the
+        # rest so that torch's thread pool does not disturb the other figures.
+        self.peft_ratio = None if self.peft_s is None else self.peft_s / self.peft_single_s
 
 
 def _layer(shape, rank, dtype, seed=0):
@@ -220,8 +226,61 @@ def _multi_case(op, layer, rng, base):
         lambda: layer.forward_batch(X, out=out),
     ]
     (t_multi, t_np, t_single), reps = _interleaved(funcs, 1.0)
+    peft_calls = _peft_batches(W, factors, ids, X)
+    peft = _interleaved(peft_calls, 1.0)[0] if peft_calls else (None, None)
     return Result(op, batch=batch, repeats=reps, numba_lora_s=t_multi, numpy_s=t_np,
-                  dense_s=t_single, baseline=f"1 adapter, {n_adapters} in the batch", **base)
+                  dense_s=t_single, baseline=f"1 adapter, {n_adapters} in the batch",
+                  peft_s=peft[0], peft_single_s=peft[1], **base)
+
+
+def _peft_batches(W, factors, ids, X):
+    """PEFT's mixed-adapter forward (``adapter_names=``) and its one-adapter forward, or None.
+
+    Only where torch and peft are installed; neither is a dependency.
+    """
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    class _One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.set_num_threads(numba.get_num_threads())
+    base = _One()
+    with torch.no_grad():
+        base.lin.weight.copy_(torch.from_numpy(np.array(W)))
+    model = None
+    for i, (A, B, s) in enumerate(factors):
+        config = LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["lin"])
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"adapter{i}")
+        else:
+            model.add_adapter(f"adapter{i}", config)
+        lin = model.base_model.model.lin
+        with torch.no_grad():
+            lin.lora_A[f"adapter{i}"].weight.copy_(torch.from_numpy(A))
+            lin.lora_B[f"adapter{i}"].weight.copy_(torch.from_numpy(B))
+    model.eval()
+    model.set_adapter("adapter0")
+    names = [f"adapter{i}" for i in ids]
+    xt = torch.from_numpy(X)
+
+    def mixed():
+        with torch.no_grad():
+            return model(xt, adapter_names=names)
+
+    def single():
+        with torch.no_grad():
+            return model(xt)
+
+    return [mixed, single]
 
 
 def _current_threads():
@@ -308,6 +367,7 @@ def format_table(results):
               f"{'numba_lora':>12}{'numpy':>11}{'baseline':>11}{'lora/base':>11}{'numpy/base':>12}")
     lines = [header, "-" * len(header)]
     baselines = []
+    peft_rows = [r for r in results if r.peft_s is not None]
     for r in results:
         batch = "-" if r.op in ("merge", "unmerge") else str(r.batch)
         if r.baseline not in baselines:
@@ -321,6 +381,10 @@ def format_table(results):
         "dense": "forward rows: the dense W @ x / X @ W.T into a preallocated output",
         "copy of W": "merge rows: np.copyto of W (one read and one write of W)",
     }
+    for r in peft_rows:
+        lines.append(f"PEFT adapter_names= forward, {r.op} {r.out_features}x{r.in_features} "
+                     f"r={r.rank}: {_ms(r.peft_s)} ms, {r.peft_ratio:.3f}x PEFT's one-adapter "
+                     f"batch ({_ms(r.peft_single_s)} ms)")
     lines.append("times are medians in ms; baseline =")
     for name in baselines:
         lines.append("  " + notes.get(name, f"multi rows: a single-adapter forward_batch of the "
