@@ -2,8 +2,9 @@
 
 ``FASTMATH`` is the flag set for arithmetic kernels: ``reassoc`` lets LLVM
 vectorise reductions, ``contract`` lets it fuse multiply-adds.  It leaves
-``nnan`` and ``ninf`` off, because ``fastmath=True`` lets LLVM assume no NaN
-or infinity ever occurs (numba issues #2919 and #9383).
+``nnan`` and ``ninf`` off: the full set (Numba's fastmath switched on as a
+whole) lets LLVM assume no NaN or infinity ever occurs (numba issues #2919
+and #9383).
 
 That is not enough for finiteness tests: Numba's ``np.isfinite`` on a float
 is ``x - x == 0``, and ``nsz`` plus ``reassoc`` fold ``x - x`` to ``0``, so the
