@@ -108,6 +108,14 @@ def group_rows(ids, n_adapters):
 
 
 @njit(**JIT_OPTIONS)
+def _max_rank(offsets):
+    largest = 0
+    for i in range(offsets.shape[0] - 1):
+        largest = max(largest, offsets[i + 1] - offsets[i])
+    return largest
+
+
+@njit(**JIT_OPTIONS)
 def _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out):
     """Add the low-rank term of each row, adapter segment by adapter segment."""
     n_adapters = scalings.shape[0]
@@ -117,9 +125,7 @@ def _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out):
         return
     in_features = X.shape[1]
     out_features = out.shape[1]
-    max_rank = 0
-    for i in range(n_adapters):
-        max_rank = max(max_rank, offsets[i + 1] - offsets[i])
+    max_rank = _max_rank(offsets)
     # Activations are gathered (the adapters' weights never are).
     Xs = np.empty((n_rows, in_features), dtype=X.dtype)
     for k in range(n_rows):
@@ -147,9 +153,7 @@ def _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out):
 @njit(**JIT_OPTIONS)
 def _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out):
     """Add the low-rank term of each row with loops: no gemm per row."""
-    max_rank = 0
-    for i in range(scalings.shape[0]):
-        max_rank = max(max_rank, offsets[i + 1] - offsets[i])
+    max_rank = _max_rank(offsets)
     t = np.empty(max(max_rank, 1), dtype=out.dtype)
     zero = out.dtype.type(0)
     for b in range(X.shape[0]):
@@ -173,6 +177,42 @@ def _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out):
                 row[j] += c * bt[j]
 
 
+# The path argument of _forward_multi.
+_AUTO, _SEGMENTED, _ROWS = 0, 1, 2
+
+
+@njit(**JIT_OPTIONS)
+def _segments_pay(ids, n_adapters):
+    """True when rows using an adapter average >= SEGMENTED_MIN_ROWS per adapter in use."""
+    seen = np.zeros(max(n_adapters, 1), dtype=np.bool_)
+    used_rows = 0
+    used_adapters = 0
+    for b in range(ids.shape[0]):
+        i = ids[b]
+        if i >= 0:
+            used_rows += 1
+            if not seen[i]:
+                seen[i] = True
+                used_adapters += 1
+    return used_rows >= SEGMENTED_MIN_ROWS * used_adapters
+
+
+@njit(**JIT_OPTIONS)
+def _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, path):
+    """The three public drivers in one: check, dense product, then one low-rank path."""
+    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
+    if X.shape[0] == 0:
+        return out
+    gemm_nt(1.0, X, W, 0.0, out)
+    if path == _AUTO:
+        path = _SEGMENTED if _segments_pay(ids, scalings.shape[0]) else _ROWS
+    if path == _SEGMENTED:
+        _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    else:
+        _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out)
+    return out
+
+
 @njit(**JIT_OPTIONS)
 def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     """``out[b] = W @ X[b] + s_i * B_i @ (A_i @ X[b])`` with ``i = ids[b]``, segmented path.
@@ -185,12 +225,7 @@ def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, o
     -------
     out : ndarray, shape (batch, out_features)
     """
-    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
-    if X.shape[0] == 0:
-        return out
-    gemm_nt(1.0, X, W, 0.0, out)
-    _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out)
-    return out
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _SEGMENTED)
 
 
 @njit(**JIT_OPTIONS)
@@ -200,12 +235,7 @@ def forward_batch_multi_rows(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     One gemm for the dense product, then loops over rows: ``t = s_i * A_i @
     x`` and ``out[b] += t @ B_i.T``, on the calling thread.
     """
-    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
-    if X.shape[0] == 0:
-        return out
-    gemm_nt(1.0, X, W, 0.0, out)
-    _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out)
-    return out
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _ROWS)
 
 
 @njit(**JIT_OPTIONS)
@@ -216,25 +246,4 @@ def forward_batch_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     ``SEGMENTED_MIN_ROWS`` per adapter in use, per row otherwise.  Arguments
     and result as for :func:`forward_batch_multi_segmented`.
     """
-    _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
-    if X.shape[0] == 0:
-        return out
-    n_adapters = scalings.shape[0]
-    seen = np.zeros(max(n_adapters, 1), dtype=np.bool_)
-    used_rows = 0
-    used_adapters = 0
-    for b in range(ids.shape[0]):
-        i = ids[b]
-        if i >= 0:
-            used_rows += 1
-            if not seen[i]:
-                seen[i] = True
-                used_adapters += 1
-    gemm_nt(1.0, X, W, 0.0, out)
-    if used_rows == 0:
-        return out
-    if used_rows >= SEGMENTED_MIN_ROWS * used_adapters:
-        _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out)
-    else:
-        _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out)
-    return out
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _AUTO)
