@@ -79,24 +79,31 @@ def _layer(shape, rank, dtype, seed=0):
     return layer, rng
 
 
-def _interleaved(funcs, budget_s, min_repeats=5, max_repeats=200):
-    """Median time of each callable, calling them in turn (forward, then reversed)."""
+def _interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=False):
+    """Median time of each callable, calling them in turn (forward, then reversed).
+
+    With ``self_timed`` each callable times itself and returns a tuple of
+    durations (several steps of one call); the medians are then arrays.
+    """
+    def sample(f):
+        if self_timed:
+            return f()
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+
     for f in funcs:  # warm-up: compilation, page faults, BLAS thread start
         f()
         f()
-    t0 = time.perf_counter()
-    for f in funcs:
-        f()
-    one_round = time.perf_counter() - t0
+    one_round = sum(np.sum(sample(f)) for f in funcs)
     repeats = int(min(max_repeats, max(min_repeats, budget_s / max(one_round, 1e-9))))
     samples = [[] for _ in funcs]
     order = list(range(len(funcs)))
     for r in range(repeats):
         for i in order if r % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
-            funcs[i]()
-            samples[i].append(time.perf_counter() - t)
-    return [float(np.median(s)) for s in samples], repeats
+            samples[i].append(sample(funcs[i]))
+    medians = [np.median(np.array(s), axis=0) for s in samples]
+    return [m if self_timed else float(m) for m in medians], repeats
 
 
 def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
@@ -165,17 +172,7 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
             np.copyto(W_copy, W_np)
             return t1 - t, time.perf_counter() - t1
 
-        funcs = [both_lora, both_numpy, both_copy]
-        for f in funcs:
-            f()
-            f()
-        one_round = sum(sum(f()) for f in funcs)
-        reps = int(min(200, max(5, budget_s / max(one_round, 1e-9))))
-        samples = [[] for _ in funcs]
-        for r in range(reps):
-            for i in (0, 1, 2) if r % 2 == 0 else (2, 1, 0):
-                samples[i].append(funcs[i]())
-        med = [np.median(np.array(s), axis=0) for s in samples]
+        med, reps = _interleaved([both_lora, both_numpy, both_copy], budget_s, self_timed=True)
         return [
             Result(name, batch=0, repeats=reps, numba_lora_s=float(med[0][k]),
                    numpy_s=float(med[1][k]), dense_s=float(med[2][k]), baseline="copy of W",
@@ -183,7 +180,7 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
             for k, name in enumerate(("merge", "unmerge"))
         ]
     if op in ("multi_mixed", "multi_per_row"):
-        return [_multi_case(op, layer, rng, base)]
+        return [_multi_case(op, layer, rng, base, budget_s)]
     raise ValueError(f"op must be 'forward', 'merge', 'multi_mixed' or 'multi_per_row', got {op!r}")
 
 
@@ -191,7 +188,7 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
 MULTI_CASES = {"multi_mixed": (512, 8), "multi_per_row": (64, 64)}
 
 
-def _multi_case(op, layer, rng, base):
+def _multi_case(op, layer, rng, base, budget_s):
     """Many adapters in one batch vs one adapter on the same rows."""
     from .multi import MultiLoraLinear
 
@@ -225,9 +222,9 @@ def _multi_case(op, layer, rng, base):
         numpy_loop,
         lambda: layer.forward_batch(X, out=out),
     ]
-    (t_multi, t_np, t_single), reps = _interleaved(funcs, 1.0)
+    (t_multi, t_np, t_single), reps = _interleaved(funcs, budget_s)
     peft_calls = _peft_batches(W, factors, ids, X)
-    peft = _interleaved(peft_calls, 1.0)[0] if peft_calls else (None, None)
+    peft = _interleaved(peft_calls, budget_s)[0] if peft_calls else (None, None)
     return Result(op, batch=batch, repeats=reps, numba_lora_s=t_multi, numpy_s=t_np,
                   dense_s=t_single, baseline=f"1 adapter, {n_adapters} in the batch",
                   peft_s=peft[0], peft_single_s=peft[1], **base)
