@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from numba_lora.bench import describe_extras
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -39,19 +41,7 @@ def table(report):
             "single-adapter ``forward_batch`` of the same rows for the multi-adapter rows "
             "(``multi_mixed``: 512 rows over 8 adapters; ``multi_per_row``: 64 rows, "
             "64 adapters).\n\n")
-    extra = ""
-    for row in report.get("memory", []):
-        extra += (f"\n\nPeak extra memory of one merge, {row['out_features']}x{row['in_features']} "
-                  f"rank {row['rank']} {row['dtype']} (growth of peak RSS in a fresh process): "
-                  f"numba_lora {row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
-                  f"({100 * row['numba_lora_extra_fraction']:.2f}% of W's bytes), NumPy's "
-                  f"``W += s * (B @ A)`` {row['numpy_extra_bytes'] / 2**20:.1f} MiB "
-                  f"({100 * row['numpy_extra_fraction']:.0f}% of W's bytes).")
-    if "cold_start" in report:
-        cs = report["cold_start"]
-        extra += (f"\n\nCold start, a fresh process importing numba_lora and running the first "
-                 f"forward: {cs['warm_cache_s']:.2f} s with a warm cache, "
-                 f"{cs['cold_cache_s']:.2f} s compiling from scratch.\n")
+    extra = "".join(f"\n\n{sentence}" for sentence in describe_extras(report))
     return head + "\n".join(lines) + "\n" + extra
 
 

@@ -504,6 +504,31 @@ def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
     return int(out.strip().splitlines()[-1])
 
 
+def describe_extras(report):
+    """Sentences for the memory and cold-start figures of a report, if it has them.
+
+    Shared by the bench's table and docs/make_performance.py.
+    """
+    lines = []
+    for row in report.get("memory", []):
+        lines.append(
+            f"Peak extra memory of one merge, {row['out_features']}x{row['in_features']} "
+            f"rank {row['rank']} {row['dtype']} (growth of peak RSS in a fresh process): "
+            f"numba_lora {row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
+            f"({100 * row['numba_lora_extra_fraction']:.2f}% of W's bytes), NumPy's "
+            f"W += s * (B @ A) {row['numpy_extra_bytes'] / 2**20:.1f} MiB "
+            f"({100 * row['numpy_extra_fraction']:.0f}% of W's bytes)."
+        )
+    if "cold_start" in report:
+        cs = report["cold_start"]
+        lines.append(
+            f"Cold start, a fresh process importing numba_lora and running the first "
+            f"forward: {cs['warm_cache_s']:.2f} s with a warm cache, "
+            f"{cs['cold_cache_s']:.2f} s compiling from scratch."
+        )
+    return lines
+
+
 def _shape(text):
     try:
         out_features, in_features = (int(v) for v in text.lower().split("x"))
@@ -580,19 +605,7 @@ def main(argv=None):
                         row[f"{side}_extra_bytes"] = extra
                         row[f"{side}_extra_fraction"] = extra / w_bytes
                     report["memory"].append(row)
-    table = format_table(results)
-    for row in report.get("memory", []):
-        table += (f"\nmerge peak extra memory, {row['out_features']}x{row['in_features']} "
-                  f"r={row['rank']} {row['dtype']}: numba_lora "
-                  f"{row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
-                  f"({100 * row['numba_lora_extra_fraction']:.2f}% of W), numpy "
-                  f"{row['numpy_extra_bytes'] / 2**20:.2f} MiB "
-                  f"({100 * row['numpy_extra_fraction']:.1f}% of W)")
-    if args.cold_start:
-        cs = report["cold_start"]
-        table += (f"\ncold start (new process: import + first forward): "
-                  f"{cs['warm_cache_s']:.3f} s with a warm cache, "
-                  f"{cs['cold_cache_s']:.3f} s compiling from scratch")
+    table = "\n".join([format_table(results)] + describe_extras(report))
     text_stream = sys.stderr if args.json == "-" else sys.stdout
     print(table, file=text_stream)
     if args.json:
