@@ -27,6 +27,13 @@ def check_rank(rank):
     return value
 
 
+def check_name(name, what):
+    """Return ``name`` if it is a non-empty string, else raise LoraConfigError naming ``what``."""
+    if not isinstance(name, str) or not name:
+        raise LoraConfigError(f"{what} name must be a non-empty string, got {name!r}")
+    return name
+
+
 def check_alpha(alpha):
     """Return ``alpha`` as a finite float > 0, or raise LoraConfigError."""
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):

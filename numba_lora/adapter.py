@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._validate import check_name
 from .config import LoraConfig
 from .errors import LoraConfigError, LoraKeyError
 from .layer import LoraLinear
@@ -64,8 +65,7 @@ class LoraAdapter:
         LoraConfigError
             If ``name`` is empty, not a string, or already used.
         """
-        if not isinstance(name, str) or not name:
-            raise LoraConfigError(f"layer name must be a non-empty string, got {name!r}")
+        check_name(name, "layer")
         if name in self._layers:
             raise LoraConfigError(f"adapter already has a layer named {name!r}")
         weight = np.asarray(weight)

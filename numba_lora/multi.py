@@ -8,7 +8,15 @@ import numpy as np
 
 from . import multi_kernels
 from ._base import FrozenWeight
-from ._validate import as_factor, as_real_array, as_weight, check_alpha, check_out, check_shape
+from ._validate import (
+    as_factor,
+    as_real_array,
+    as_weight,
+    check_alpha,
+    check_name,
+    check_out,
+    check_shape,
+)
 from .errors import LoraConfigError, LoraKeyError, LoraShapeError
 from .layer import LoraLinear
 
@@ -83,8 +91,7 @@ class MultiLoraLinear(FrozenWeight):
         Factors are copied and converted to the layer's dtype.  Ranks may
         differ between adapters.
         """
-        if not isinstance(name, str) or not name:
-            raise LoraConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        check_name(name, "adapter")
         alpha = check_alpha(alpha)
         A = as_real_array(A, "A", self.dtype)
         if A.ndim != 2 or A.shape[0] < 1:
@@ -120,8 +127,7 @@ class MultiLoraLinear(FrozenWeight):
                 f"layer {name!r} is {layer.out_features}x{layer.in_features}, "
                 f"expected {self.out_features}x{self.in_features}"
             )
-        if not isinstance(name, str) or not name:
-            raise LoraConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        check_name(name, "adapter")
         # The layer's own scaling, as it is (rsLoRA or not): no recomputation.
         self._insert(name, np.array(layer.lora_a, self.dtype), np.array(layer.lora_b, self.dtype),
                      layer.scaling, layer.alpha)
