@@ -42,8 +42,8 @@ def _source_digest():
     import numba
 
     digest = hashlib.sha256(numba.__version__.encode())
-    for path in sorted(_PACKAGE.glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -2,7 +2,7 @@
 
 import numba
 
-from ._blas import blas_threads, set_blas_threads
+from .kernels._blas import blas_threads, set_blas_threads
 
 __all__ = ["set_num_threads", "get_num_threads"]
 

@@ -205,7 +205,7 @@ class LoraAdapter:
             do not fit, a rank that disagrees with the config) or a missing
             base weight; the message names the key.
         """
-        from .peft import load_peft
+        from .io.peft import load_peft
 
         return load_peft(cls, path, base_weights)
 
@@ -215,7 +215,7 @@ class LoraAdapter:
         PEFT's ``PeftModel.from_pretrained`` loads the result.  Factors are
         written in the layers' dtype.
         """
-        from .peft import save_peft
+        from .io.peft import save_peft
 
         save_peft(self, path)
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numba
 import numpy as np
 
-from ._blas import set_blas_threads
+from .kernels._blas import set_blas_threads
 from .layer import LoraLinear
 
 __all__ = ["Result", "run_case", "run", "format_table", "main"]
@@ -397,7 +397,7 @@ def machine_info():
     """What the figures were measured on."""
     import scipy
 
-    from ._blas import PROVIDER, blas_threads
+    from .kernels._blas import PROVIDER, blas_threads
 
     return dict(
         python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,

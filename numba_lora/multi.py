@@ -6,7 +6,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import multi_kernels
+from . import kernels
 from ._base import FrozenWeight
 from ._validate import (
     as_factor,
@@ -34,7 +34,7 @@ class MultiLoraLinear(FrozenWeight):
     adapter ``i = adapter_ids[b]``, ``W @ X[b] + s_i * B_i @ (A_i @ X[b])``,
     and ``W @ X[b]`` where the id is ``-1`` (or the name is ``None``).  The
     dense product is one BLAS call for the whole batch; see
-    :mod:`numba_lora.multi_kernels` for the two paths that add the low-rank
+    :mod:`numba_lora.kernels.multi` for the two paths that add the low-rank
     terms.  There is no "active adapter": the choice is per call, so Python
     threads may call ``forward_batch`` on one layer at the same time.
 
@@ -222,7 +222,7 @@ class MultiLoraLinear(FrozenWeight):
             Where to write the result.
         path : {"auto", "segmented", "rows"}, optional
             Which kernel adds the low-rank terms (see
-            :mod:`numba_lora.multi_kernels`); ``"auto"`` chooses by the
+            :mod:`numba_lora.kernels.multi`); ``"auto"`` chooses by the
             batch's shape.
 
         Returns
@@ -239,9 +239,9 @@ class MultiLoraLinear(FrozenWeight):
             check_out(out, (X.shape[0], self.out_features), self.dtype,
                       (X, self._W, packed.A_cat, packed.BT_cat))
         try:
-            kernel = {"auto": multi_kernels.forward_batch_multi,
-                      "segmented": multi_kernels.forward_batch_multi_segmented,
-                      "rows": multi_kernels.forward_batch_multi_rows}[path]
+            kernel = {"auto": kernels.forward_batch_multi,
+                      "segmented": kernels.forward_batch_multi_segmented,
+                      "rows": kernels.forward_batch_multi_rows}[path]
         except KeyError:
             raise ValueError(f"path must be 'auto', 'segmented' or 'rows', got {path!r}") from None
         return kernel(self._W, packed.A_cat, packed.BT_cat, packed.offsets, packed.scalings,

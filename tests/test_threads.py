@@ -17,7 +17,7 @@ def test_set_and_get_num_threads():
     finally:
         numba_lora.set_num_threads(before[0])
         if before[1] is not None:
-            from numba_lora._blas import set_blas_threads
+            from numba_lora.kernels._blas import set_blas_threads
 
             set_blas_threads(before[1])
     assert numba_lora.get_num_threads() == before

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from numba_lora import LoraAdapter
-from numba_lora.peft import read_safetensors
+from numba_lora.io.safetensors import read_safetensors
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BASE = FIXTURES / "base_model.safetensors"
 ADAPTERS = ["peft_lora", "peft_rslora"]
 RTOL = 1e-6  # float32, relative to the largest output of the module

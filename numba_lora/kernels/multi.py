@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from ._blas import gemm_nn, gemm_nt
-from ._config import JIT_OPTIONS
+from .._config import JIT_OPTIONS
 
 __all__ = [
     "forward_batch_multi",

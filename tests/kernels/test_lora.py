@@ -158,8 +158,8 @@ HIGH_RANK = kernels.BLAS_MERGE_MAX_RANK + 2
 
 def test_tiled_path_covers_tile_edges(dtype, rng):
     # Shapes straddling ROW_BLOCK and COL_TILE boundaries, ranks not a multiple of 4.
-    for out_features in (kernels.ROW_BLOCK - 1, kernels.ROW_BLOCK + 1, 2 * kernels.ROW_BLOCK):
-        for in_features in (kernels.COL_TILE - 1, kernels.COL_TILE + 3):
+    for out_features in (kernels.lora.ROW_BLOCK - 1, kernels.lora.ROW_BLOCK + 1, 2 * kernels.lora.ROW_BLOCK):
+        for in_features in (kernels.lora.COL_TILE - 1, kernels.lora.COL_TILE + 3):
             for rank in (1, 3):
                 W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
                 expected = ref.merged(W, A, B, 0.75)

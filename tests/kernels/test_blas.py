@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import reference as ref
     import numba_lora
-    from numba_lora import _blas, kernels
+    from numba_lora import kernels
+    from numba_lora.kernels import _blas
 
     assert "ctypes adapters" in _blas.PROVIDER, _blas.PROVIDER
     rng = np.random.default_rng(3)
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_kernels_on_the_ctypes_adapters(tmp_path):
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     env = dict(os.environ, NUMBA_LORA_BLAS="numpy-matmul",
                PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(tests)], env=env,

@@ -1,0 +1,1 @@
+"""File formats: safetensors tensors and PEFT adapter directories, read and written without torch."""
