@@ -28,6 +28,8 @@ from .errors import (  # noqa: E402
     LoraShapeError,
     LoraStateError,
     LoraUnsupportedError,
+    LoraTypeError,
+    LoraEnvironmentError,
 )
 from ._threads import get_num_threads, set_num_threads  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
@@ -54,5 +56,7 @@ __all__ = [
     "LoraKeyError",
     "LoraFormatError",
     "LoraUnsupportedError",
+    "LoraTypeError",
+    "LoraEnvironmentError",
     "__version__",
 ]

@@ -133,3 +133,20 @@ def check_out(out, expected, dtype, inputs):
         if np.may_share_memory(out, array):
             raise ValueError("out must not overlap the input or the layer's arrays")
     return out
+
+
+def check_scaling(scaling, dtype, what="scaling"):
+    """Return ``scaling`` as a float if it is finite in ``dtype``, else raise LoraConfigError.
+
+    The kernels round the scaling once to the layer's dtype; a scaling that
+    overflows float32 (``alpha / rank > 3.4e38``) would make every float32
+    output NaN, so it is a configuration error, not a numerical accident.
+    """
+    value = float(scaling)
+    rounded = np.dtype(dtype).type(value)
+    if not (math.isfinite(value) and np.isfinite(rounded)):
+        raise LoraConfigError(
+            f"{what} = {value!r} is not finite in {np.dtype(dtype)} "
+            f"(largest finite value {np.finfo(dtype).max:.4g}); lower alpha or raise rank"
+        )
+    return value

@@ -15,6 +15,8 @@ __all__ = [
     "LoraKeyError",
     "LoraFormatError",
     "LoraUnsupportedError",
+    "LoraTypeError",
+    "LoraEnvironmentError",
 ]
 
 
@@ -55,3 +57,11 @@ class LoraFormatError(LoraError, ValueError):
 
 class LoraUnsupportedError(LoraError, NotImplementedError):
     """An adapter uses a feature numba_lora does not implement (DoRA, embeddings, ...)."""
+
+
+class LoraTypeError(LoraError, TypeError):
+    """An argument has the wrong type (a list where an array is needed, ...)."""
+
+
+class LoraEnvironmentError(LoraError, RuntimeError):
+    """The environment cannot run numba_lora (``NUMBA_DISABLE_JIT=1``, ...)."""
