@@ -6,7 +6,7 @@ import operator
 
 import numpy as np
 
-from .errors import LoraConfigError, LoraDtypeError, LoraShapeError
+from .errors import LoraConfigError, LoraDtypeError, LoraShapeError, LoraTypeError
 
 #: dtypes a layer computes in.
 LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -28,10 +28,29 @@ def check_rank(rank):
 
 
 def check_name(name, what):
-    """Return ``name`` if it is a non-empty string, else raise LoraConfigError naming ``what``."""
-    if not isinstance(name, str) or not name:
+    """Return ``name`` if it is a non-empty string.
+
+    Raises LoraTypeError for a name that is not a str, LoraConfigError for
+    the empty string; both name ``what``.
+    """
+    if not isinstance(name, str):
+        raise LoraTypeError(
+            f"{what} name must be a non-empty string, got {type(name).__name__} {name!r}"
+        )
+    if not name:
         raise LoraConfigError(f"{what} name must be a non-empty string, got {name!r}")
     return name
+
+
+def check_flag(value, what):
+    """Return ``value`` as a bool; bools (Python or NumPy) only, else LoraTypeError naming ``what``.
+
+    ``bool("false")`` is True, so a string or other truthy object is refused
+    rather than converted.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise LoraTypeError(f"{what} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_alpha(alpha):
@@ -40,7 +59,10 @@ def check_alpha(alpha):
         raise LoraConfigError(
             f"alpha must be a finite real number > 0, got {type(alpha).__name__} {alpha!r}"
         )
-    value = float(alpha)
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
     if not math.isfinite(value) or value <= 0:
         raise LoraConfigError(f"alpha must be a finite real number > 0, got {value!r}")
     return value
@@ -65,9 +87,29 @@ def weight_dtype(dtype):
     )
 
 
+def as_array(value, name):
+    """``np.asarray(value)``, with NumPy's own complaints turned into numba_lora errors.
+
+    A ragged nested sequence (NumPy raises ValueError) is a LoraDtypeError,
+    an object NumPy cannot convert at all (TypeError) a LoraTypeError; both
+    name the argument.  The dtype is not checked here.
+    """
+    try:
+        return np.asarray(value)
+    except ValueError as exc:
+        raise LoraDtypeError(
+            f"{name} must be an array of real numbers, got a {type(value).__name__} NumPy cannot "
+            f"convert (ragged nested sequences?): {exc}"
+        ) from None
+    except TypeError as exc:
+        raise LoraTypeError(
+            f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}"
+        ) from None
+
+
 def as_weight(weight):
     """A C-contiguous copy of ``weight`` in its layer dtype, checked to be 2-D and non-empty."""
-    array = np.asarray(weight)
+    array = as_array(weight, "weight")
     dtype = weight_dtype(array.dtype)
     if array.ndim != 2:
         raise LoraShapeError(
@@ -82,11 +124,16 @@ def as_weight(weight):
 
 
 def as_real_array(value, name, dtype):
-    """``value`` as an array of ``dtype``; accepts real (integer or float) input only."""
-    array = np.asarray(value)
+    """``value`` as an array of ``dtype``; accepts real (integer or float) input only.
+
+    Booleans, complex numbers, strings, objects and ragged lists are refused
+    with LoraDtypeError naming ``name``.
+    """
+    array = as_array(value, name)
     if array.dtype.kind not in "fiu":
+        hint = " (a ragged list, None, or mixed objects?)" if array.dtype.kind == "O" else ""
         raise LoraDtypeError(
-            f"{name} must hold real numbers (integer or float), got dtype {array.dtype}"
+            f"{name} must hold real numbers (integer or float), got dtype {array.dtype}{hint}"
         )
     return array.astype(dtype, copy=False)
 
@@ -118,9 +165,14 @@ def as_factor(value, name, expected, dim_names, dtype):
 
 
 def check_out(out, expected, dtype, inputs):
-    """Check a caller-supplied output array; return it."""
+    """Check a caller-supplied output array; return it.
+
+    A non-array is a LoraTypeError; a wrong dtype a LoraDtypeError; a wrong
+    shape, a non-contiguous, read-only or overlapping array (all questions
+    of the memory ``out`` names) a LoraShapeError.
+    """
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise LoraTypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:
         raise LoraDtypeError(f"out must have the layer's dtype {dtype}, got {out.dtype}")
     if out.shape != expected:
@@ -128,10 +180,10 @@ def check_out(out, expected, dtype, inputs):
     if not out.flags.c_contiguous:
         raise LoraShapeError("out must be C-contiguous")
     if not out.flags.writeable:
-        raise ValueError("out must be writable")
+        raise LoraShapeError("out must be writable")
     for array in inputs:
         if np.may_share_memory(out, array):
-            raise ValueError("out must not overlap the input or the layer's arrays")
+            raise LoraShapeError("out must not overlap the input or the layer's arrays")
     return out
 
 
