@@ -1,6 +1,8 @@
 """LoraConfig and LoraAdapter: validation, mapping behaviour, totals, PEFT files without torch."""
 
+import copy
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -39,6 +41,67 @@ from numba_lora.config import pattern_key
 def test_config_validation(kwargs, match):
     with pytest.raises(LoraConfigError, match=match):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank_pattern=[("q", 2)]), "rank_pattern must be a dict"),
+        (dict(rank_pattern="q"), "rank_pattern must be a dict"),
+        (dict(rank_pattern={"q": {"r": 2}}), r"rank_pattern\['q'\]: rank must be an integer"),
+        (dict(rank_pattern={"q": None}), r"rank_pattern\['q'\]: rank must be"),
+        (dict(rank_pattern={"q": "2"}), r"rank_pattern\['q'\]: rank must be"),
+        (dict(rank_pattern={3: 2}), "rank_pattern keys must be strings"),
+        (dict(rank_pattern={"(?i)q": 2}), "not a valid regular expression"),
+        (dict(alpha_pattern=[1.0]), "alpha_pattern must be a dict"),
+        (dict(alpha_pattern={"v": [1.0]}), r"alpha_pattern\['v'\]: alpha must be"),
+        (dict(alpha_pattern={"v": True}), r"alpha_pattern\['v'\]: alpha must be"),
+        (dict(target_modules=5), "target_modules must be a string or a sequence of strings, got int"),
+        (dict(target_modules=[b"q"]), "target_modules must hold strings"),
+        (dict(target_modules={"q": 1}), "target_modules must be a string or a sequence"),
+        (dict(fan_in_fan_out="false"), "fan_in_fan_out must be True or False, got str"),
+        (dict(use_rslora=None), "use_rslora must be True or False"),
+        (dict(dropout="0.1"), "dropout must be a number"),
+        (dict(dropout=10**400), "dropout must be a number"),
+        (dict(alpha=10**400), "alpha must be a finite real number"),
+        (dict(rank=2.0), "rank must be an integer"),
+        (dict(rank=None), "rank must be an integer"),
+    ],
+)
+def test_config_wrong_types_are_config_errors(kwargs, match):
+    kwargs = dict(rank=4, alpha=1.0) | kwargs
+    with pytest.raises(LoraConfigError, match=match) as info:
+        LoraConfig(**kwargs)
+    assert isinstance(info.value, ValueError)
+
+
+def test_config_accepts_what_peft_writes():
+    config = LoraConfig(rank=np.int64(4), alpha=np.float32(8), target_modules=None,
+                        rank_pattern=None, alpha_pattern=None, use_rslora=np.bool_(True))
+    assert (config.rank, config.alpha, config.target_modules) == (4, 8.0, ())
+    assert config.rank_pattern == {} and config.use_rslora is True
+    assert LoraConfig(rank=2, alpha=1, target_modules="q|v").target_modules == ("q|v",)
+    assert LoraConfig(rank=2, alpha=1, target_modules=["q", "v"]).target_modules == ("q", "v")
+
+
+def test_config_refused_validate_changes_nothing():
+    config = LoraConfig(rank=4, alpha=8, rank_pattern={"q": 2})
+    config.alpha = 16
+    config.rank_pattern = [("q", 2)]
+    with pytest.raises(LoraConfigError, match="rank_pattern"):
+        config.validate()
+    assert config.alpha == 16 and config.rank_pattern == [("q", 2)]
+
+
+@pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, lambda c: pickle.loads(pickle.dumps(c))])
+def test_config_pickles_and_copies(copier):
+    config = LoraConfig(rank=4, alpha=8, dropout=0.1, target_modules=("q", "v"), fan_in_fan_out=True,
+                        use_rslora=True, rank_pattern={"q": 2}, alpha_pattern={"v": 3.0})
+    other = copier(config)
+    assert other == config and other is not config
+    if copier is not copy.copy:
+        other.rank_pattern["k"] = 1
+        assert "k" not in config.rank_pattern
 
 
 def test_config_validate_after_change():
