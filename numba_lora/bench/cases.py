@@ -1,0 +1,295 @@
+"""What the bench times: each case's three callables on the same arrays.
+
+- numba_lora: the ``LoraLinear`` (or ``MultiLoraLinear``) method;
+- numpy: the composite a NumPy user writes, ``W @ x + s * (B @ (A @ x))``,
+  ``X @ W.T + s * ((X @ A.T) @ B.T)``, ``W += s * (B @ A)``, or a loop over
+  the adapters of a mixed batch;
+- the baseline: the product LoRA adapts (``W @ x`` or ``X @ W.T`` into a
+  preallocated output), for merge ``np.copyto`` of W (one read and one write
+  of W, the least an in-place update can cost), for the multi-adapter cases a
+  single-adapter ``forward_batch`` of the same rows.
+
+Where torch and peft are installed, the multi-adapter cases also time PEFT's
+``adapter_names=`` forward against PEFT's own single-adapter forward.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from ..layer import LoraLinear
+from .report import Progress
+from .timing import current_threads, interleaved, set_threads
+
+__all__ = ["Result", "run_case", "run", "DEFAULT_SHAPES", "DEFAULT_RANKS", "DEFAULT_BATCHES",
+           "MULTI_CASES", "ALPHA"]
+
+DEFAULT_SHAPES = ((4096, 4096),)
+DEFAULT_RANKS = (16,)
+DEFAULT_BATCHES = (1, 8, 64, 512)
+ALPHA = 32.0
+
+#: The two multi-adapter cases: (rows, adapters); rows are spread evenly.
+MULTI_CASES = {"multi_mixed": (512, 8), "multi_per_row": (64, 64)}
+
+
+@dataclass
+class Result:
+    """One benchmark row: medians in seconds, ratios to the baseline.
+
+    ``dense_s`` is the baseline's time: the dense product for forward rows,
+    a copy of W for merge rows, a single-adapter ``forward_batch`` of the
+    same rows for the multi-adapter rows (``baseline`` names it).
+    """
+
+    op: str
+    out_features: int
+    in_features: int
+    rank: int
+    dtype: str
+    batch: int
+    threads: int
+    repeats: int
+    numba_lora_s: float
+    numpy_s: float
+    dense_s: float
+    baseline: str = "dense"
+    peft_s: float = None
+    peft_single_s: float = None
+    ratio: float = field(init=False)
+    numpy_ratio: float = field(init=False)
+    peft_ratio: float = field(init=False)
+
+    def __post_init__(self):
+        self.ratio = self.numba_lora_s / self.dense_s
+        self.numpy_ratio = self.numpy_s / self.dense_s
+        # PEFT against PEFT's own single-adapter batch, timed apart from the
+        # rest so that torch's thread pool does not disturb the other figures.
+        self.peft_ratio = None if self.peft_s is None else self.peft_s / self.peft_single_s
+
+
+def _layer(shape, rank, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    out_features, in_features = shape
+    W = (rng.standard_normal(shape) / np.sqrt(in_features)).astype(dtype)
+    layer = LoraLinear(W, rank, ALPHA, seed=rng)
+    layer.lora_b = rng.standard_normal((out_features, rank)) * 0.01
+    return layer, rng
+
+
+def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
+    """Time one case; return a list of :class:`Result`.
+
+    ``op`` is ``"forward"`` (``batch`` rows; 1 means one vector), ``"merge"``
+    (two results, merge and unmerge), ``"multi_mixed"`` or ``"multi_per_row"``
+    (:data:`MULTI_CASES`; ``batch`` is ignored).
+    """
+    layer, rng = _layer(shape, rank, dtype)
+    threads = threads or current_threads()
+    base = dict(out_features=shape[0], in_features=shape[1], rank=rank,
+                dtype=np.dtype(dtype).name, threads=threads)
+    if op == "forward":
+        return [_forward_case(layer, rng, batch, base, budget_s)]
+    if op == "merge":
+        return _merge_cases(layer, base, budget_s)
+    if op in MULTI_CASES:
+        return [_multi_case(op, layer, rng, base, budget_s)]
+    raise ValueError(f"op must be 'forward', 'merge', 'multi_mixed' or 'multi_per_row', got {op!r}")
+
+
+def _forward_case(layer, rng, batch, base, budget_s):
+    W, A, B, s, dtype = layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.dtype
+    if batch == 1:
+        x = rng.standard_normal(layer.in_features).astype(dtype)
+        out = np.empty(layer.out_features, dtype)
+        funcs = [
+            lambda: layer.forward(x, out=out),
+            lambda: W @ x + s * (B @ (A @ x)),
+            lambda: np.matmul(W, x, out=out),
+        ]
+        name = "forward"
+    else:
+        X = rng.standard_normal((batch, layer.in_features)).astype(dtype)
+        out = np.empty((batch, layer.out_features), dtype)
+        funcs = [
+            lambda: layer.forward_batch(X, out=out),
+            lambda: X @ W.T + s * ((X @ A.T) @ B.T),
+            lambda: np.matmul(X, W.T, out=out),
+        ]
+        name = "forward_batch"
+    (t_lora, t_np, t_dense), reps = interleaved(funcs, budget_s)
+    return Result(name, batch=batch, repeats=reps, numba_lora_s=t_lora, numpy_s=t_np,
+                  dense_s=t_dense, **base)
+
+
+def _merge_cases(layer, base, budget_s):
+    W, A, B, s = layer.weight, layer.lora_a, layer.lora_b, layer.scaling
+    W_np = np.array(W)
+    W_copy = np.empty_like(W_np)
+    delta_dtype = layer.dtype.type(s)
+
+    def np_merge():
+        W_np.__iadd__(delta_dtype * (B @ A))
+
+    def np_unmerge():
+        W_np.__isub__(delta_dtype * (B @ A))
+
+    def copy():
+        np.copyto(W_copy, W_np)
+
+    # Each pair is timed in its natural order (merge, then unmerge), so the
+    # layer's state stays valid; the pairs are interleaved.
+    def pair(first, second):
+        def timed():
+            t = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            second()
+            return t1 - t, time.perf_counter() - t1
+        return timed
+
+    funcs = [pair(layer.merge, layer.unmerge), pair(np_merge, np_unmerge), pair(copy, copy)]
+    med, reps = interleaved(funcs, budget_s, self_timed=True)
+    return [
+        Result(name, batch=0, repeats=reps, numba_lora_s=float(med[0][k]),
+               numpy_s=float(med[1][k]), dense_s=float(med[2][k]), baseline="copy of W", **base)
+        for k, name in enumerate(("merge", "unmerge"))
+    ]
+
+
+def _multi_case(op, layer, rng, base, budget_s):
+    """Many adapters in one batch vs one adapter on the same rows."""
+    from ..multi import MultiLoraLinear
+
+    batch, n_adapters = MULTI_CASES[op]
+    W, dtype, rank = layer.weight, layer.dtype, layer.rank
+    multi = MultiLoraLinear(W)
+    factors = []
+    for i in range(n_adapters):
+        A = rng.uniform(-1, 1, (rank, layer.in_features)) / np.sqrt(layer.in_features)
+        B = rng.standard_normal((layer.out_features, rank)) * 0.01
+        multi.add_adapter(f"adapter{i}", A, B, ALPHA)
+        factors.append((A.astype(dtype), B.astype(dtype), ALPHA / rank))
+    layer.lora_a, layer.lora_b = factors[0][0], factors[0][1]
+    ids = np.arange(batch) % n_adapters
+    X = rng.standard_normal((batch, layer.in_features)).astype(dtype)
+    out = np.empty((batch, layer.out_features), dtype)
+
+    def numpy_loop():
+        # What a NumPy user writes: the dense product once, then each
+        # adapter's rows gathered, adapted and added back.
+        Y = X @ W.T
+        for i, (A, B, s) in enumerate(factors):
+            rows = np.flatnonzero(ids == i)
+            if rows.size:
+                Xi = X[rows]
+                Y[rows] += s * ((Xi @ A.T) @ B.T)
+        return Y
+
+    funcs = [
+        lambda: multi.forward_batch(X, ids, out=out),
+        numpy_loop,
+        lambda: layer.forward_batch(X, out=out),
+    ]
+    (t_multi, t_np, t_single), reps = interleaved(funcs, budget_s)
+    peft_calls = _peft_batches(W, factors, ids, X)
+    peft = interleaved(peft_calls, budget_s)[0] if peft_calls else (None, None)
+    return Result(op, batch=batch, repeats=reps, numba_lora_s=t_multi, numpy_s=t_np,
+                  dense_s=t_single, baseline=f"1 adapter, {n_adapters} in the batch",
+                  peft_s=peft[0], peft_single_s=peft[1], **base)
+
+
+def _peft_batches(W, factors, ids, X):
+    """PEFT's mixed-adapter forward (``adapter_names=``) and its one-adapter forward, or None.
+
+    Only where torch and peft are installed; neither is a dependency.
+    """
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    class _One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.set_num_threads(numba.get_num_threads())
+    base = _One()
+    with torch.no_grad():
+        base.lin.weight.copy_(torch.from_numpy(np.array(W)))
+    model = None
+    for i, (A, B, s) in enumerate(factors):
+        config = LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["lin"])
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"adapter{i}")
+        else:
+            model.add_adapter(f"adapter{i}", config)
+        lin = model.base_model.model.lin
+        with torch.no_grad():
+            lin.lora_A[f"adapter{i}"].weight.copy_(torch.from_numpy(A))
+            lin.lora_B[f"adapter{i}"].weight.copy_(torch.from_numpy(B))
+    model.eval()
+    model.set_adapter("adapter0")
+    names = [f"adapter{i}" for i in ids]
+    xt = torch.from_numpy(X)
+
+    def mixed():
+        with torch.no_grad():
+            return model(xt, adapter_names=names)
+
+    def single():
+        with torch.no_grad():
+            return model(xt)
+
+    return [mixed, single]
+
+
+def _plan(shapes, ranks, dtypes, batches, threads, merge, multi):
+    """Every case to run, in order: (threads, op, shape, rank, dtype, batch)."""
+    plan = []
+    for n in threads:
+        for dtype in dtypes:
+            for shape in shapes:
+                for rank in ranks:
+                    for batch in batches:
+                        plan.append((n, "forward", shape, rank, dtype, batch))
+                    if merge:
+                        plan.append((n, "merge", shape, rank, dtype, 0))
+                    if multi:
+                        for op, (rows, _) in MULTI_CASES.items():
+                            plan.append((n, op, shape, rank, dtype, rows))
+    return plan
+
+
+def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
+        batches=DEFAULT_BATCHES, threads=(None,), merge=True, multi=False, budget_s=1.0,
+        progress=True):
+    """Run every combination; return a list of :class:`Result`.
+
+    ``threads`` lists the thread counts to run under (Numba's and BLAS's
+    together); ``None`` keeps the counts as set.
+    """
+    plan = _plan(shapes, ranks, dtypes, batches, threads, merge, multi)
+    bar = Progress(len(plan)) if progress else None
+    results = []
+    for n, op, shape, rank, dtype, batch in plan:
+        if bar:
+            what = {"merge": "merge/unmerge", "forward": f"forward batch={batch}"}.get(op, op)
+            bar.step(f"{what} {shape[0]}x{shape[1]} r={rank} {dtype}"
+                     + (f" threads={n}" if n else ""))
+        restore = set_threads(n) if n else None
+        try:
+            results.extend(run_case(op, shape, rank, dtype, batch, n, budget_s))
+        finally:
+            if restore is not None:
+                restore()
+    if bar:
+        bar.close()
+    return results

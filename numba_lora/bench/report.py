@@ -1,0 +1,136 @@
+"""How the bench reports: the table, times in a unit that fits, machine info, progress.
+
+:func:`describe_extras` is shared with ``docs/make_performance.py``, so the
+memory and cold-start figures read the same in the terminal and in the docs.
+"""
+
+import os
+import platform
+import sys
+
+import numba
+import numpy as np
+
+__all__ = ["format_table", "format_time", "describe_extras", "machine_info", "Progress"]
+
+_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
+
+
+def format_time(seconds):
+    """``seconds`` in s, ms or us, whichever puts the value at 1 or above (us at most).
+
+    >>> format_time(0.0123), format_time(4.5e-6), format_time(2.0)
+    ('12.30 ms', '4.500 us', '2.000 s')
+    """
+    seconds = float(f"{seconds:.4g}")  # so that 0.99996 ms reads 1.000 ms, not 1000.0 us
+    for unit, scale in _UNITS:
+        if seconds >= scale:
+            break
+    value = seconds / scale
+    decimals = 3 if value < 10 else 2 if value < 100 else 1
+    return f"{value:.{decimals}f} {unit}"
+
+
+def format_table(results):
+    """Results (a list of :class:`~numba_lora.bench.Result`) as a plain-text table."""
+    header = (f"{'operation':<14}{'shape':>11}{'rank':>5}{'dtype':>8}{'batch':>6}{'thr':>4}"
+              f"{'numba_lora':>12}{'numpy':>11}{'baseline':>11}{'lora/base':>11}{'numpy/base':>12}")
+    lines = [header, "-" * len(header)]
+    baselines = []
+    for r in results:
+        batch = "-" if r.op in ("merge", "unmerge") else str(r.batch)
+        if r.baseline not in baselines:
+            baselines.append(r.baseline)
+        lines.append(
+            f"{r.op:<14}{f'{r.out_features}x{r.in_features}':>11}{r.rank:>5}{r.dtype:>8}"
+            f"{batch:>6}{r.threads:>4}{format_time(r.numba_lora_s):>12}"
+            f"{format_time(r.numpy_s):>11}{format_time(r.dense_s):>11}"
+            f"{r.ratio:>10.3f}x{r.numpy_ratio:>11.3f}x"
+        )
+    for r in results:
+        if r.peft_s is not None:
+            lines.append(f"PEFT adapter_names= forward, {r.op} {r.out_features}x{r.in_features} "
+                         f"r={r.rank}: {format_time(r.peft_s)}, {r.peft_ratio:.3f}x PEFT's "
+                         f"one-adapter batch ({format_time(r.peft_single_s)})")
+    notes = {
+        "dense": "forward rows: the dense W @ x / X @ W.T into a preallocated output",
+        "copy of W": "merge rows: np.copyto of W (one read and one write of W)",
+    }
+    lines.append("times are medians; baseline =")
+    for name in baselines:
+        lines.append("  " + notes.get(name, f"multi rows: a single-adapter forward_batch of the "
+                                              f"same rows ({name})"))
+    return "\n".join(lines)
+
+
+def describe_extras(report):
+    """Sentences for the memory and cold-start figures of a report, if it has them.
+
+    Shared by the bench's table and docs/make_performance.py.
+    """
+    lines = []
+    for row in report.get("memory", []):
+        lines.append(
+            f"Peak extra memory of one merge, {row['out_features']}x{row['in_features']} "
+            f"rank {row['rank']} {row['dtype']} (growth of peak RSS in a fresh process): "
+            f"numba_lora {row['numba_lora_extra_bytes'] / 2**20:.2f} MiB "
+            f"({100 * row['numba_lora_extra_fraction']:.2f}% of W's bytes), NumPy's "
+            f"W += s * (B @ A) {row['numpy_extra_bytes'] / 2**20:.1f} MiB "
+            f"({100 * row['numpy_extra_fraction']:.0f}% of W's bytes)."
+        )
+    if "cold_start" in report:
+        cs = report["cold_start"]
+        lines.append(
+            f"Cold start, a fresh process importing numba_lora and running the first "
+            f"forward: {cs['warm_cache_s']:.2f} s with a warm cache, "
+            f"{cs['cold_cache_s']:.2f} s compiling from scratch."
+        )
+    return lines
+
+
+def machine_info():
+    """What the figures were measured on."""
+    import scipy
+
+    from ..kernels._blas import PROVIDER, blas_threads
+
+    return dict(
+        python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,
+        numba=numba.__version__, machine=platform.machine(), cpus=os.cpu_count(),
+        processor=platform.processor() or platform.machine(),
+        numba_threads=numba.get_num_threads(),
+        threading_layer=_threading_layer(), blas=PROVIDER, blas_threads=blas_threads(),
+    )
+
+
+def _threading_layer():
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return None
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per step when not a terminal)."""
+
+    def __init__(self, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.done = total, 0
+        self.tty = self.stream.isatty()
+
+    def step(self, label):
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {label}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78)[:78])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.done += 1
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\r" + " " * 78 + "\r")
+            self.stream.flush()
