@@ -116,9 +116,9 @@ def load(paths):
 
 
 def main(argv):
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if argv else 2
     report = load(argv)
     (HERE / "performance_table.rst").write_text(table(report))
     (HERE / "_static").mkdir(exist_ok=True)
