@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import check_name
+from ._validate import as_array
 from .config import LoraConfig
-from .errors import LoraConfigError, LoraKeyError
+from .errors import LoraConfigError, LoraKeyError, LoraTypeError
+from .io.peft import check_module_name, module_aliases
 from .layer import LoraLinear
 
 __all__ = ["LoraAdapter", "AdapterSummary"]
@@ -48,7 +49,7 @@ class LoraAdapter:
 
     def __init__(self, config):
         if not isinstance(config, LoraConfig):
-            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+            raise LoraTypeError(f"config must be a LoraConfig, got {type(config).__name__}")
         self.config = config.validate()
         self._layers = {}
 
@@ -60,19 +61,37 @@ class LoraAdapter:
         out_features) when the config has ``fan_in_fan_out``.  Rank and alpha
         come from the config after ``rank_pattern``/``alpha_pattern``.
 
+        ``name`` must survive :meth:`save_peft` and :meth:`from_peft`
+        unchanged (see :func:`numba_lora.io.peft.check_module_name`): dotted
+        components, none empty, no whitespace, no ``lora_A``/``lora_B``
+        component, no leading ``base_model.model.``.  And since base weights
+        are looked up with or without a leading ``model.``, ``x`` and
+        ``model.x`` cannot both be layers.
+
         Raises
         ------
+        LoraTypeError
+            If ``name`` is not a string, or ``seed`` is not something
+            :func:`numpy.random.default_rng` takes.
         LoraConfigError
-            If ``name`` is empty, not a string, or already used.
+            If ``name`` breaks the rule above or is already used.
+        LoraShapeError, LoraDtypeError
+            If ``weight`` is not a 2-D float array.
         """
-        check_name(name, "layer")
+        check_module_name(name)
         if name in self._layers:
             raise LoraConfigError(f"adapter already has a layer named {name!r}")
-        weight = np.asarray(weight)
+        for alias in sorted(module_aliases(name)):
+            if alias in self._layers:
+                raise LoraConfigError(
+                    f"layer name {name!r} clashes with layer {alias!r}: base weights are looked "
+                    "up with or without a leading 'model.', so the two could not be loaded back"
+                )
+        weight = as_array(weight, "weight")
         if self.config.fan_in_fan_out:
             weight = weight.T
         layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
-                           seed=seed, use_rslora=self.config.use_rslora)
+                           seed=_as_rng(seed), use_rslora=self.config.use_rslora)
         self._layers[name] = layer
         return layer
 
@@ -80,7 +99,7 @@ class LoraAdapter:
     def __getitem__(self, name):
         try:
             return self._layers[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             known = ", ".join(repr(n) for n in list(self._layers)[:5])
             more = ", ..." if len(self._layers) > 5 else ""
             raise LoraKeyError(
@@ -88,7 +107,10 @@ class LoraAdapter:
             ) from None
 
     def __contains__(self, name):
-        return name in self._layers
+        try:
+            return name in self._layers
+        except TypeError:  # unhashable: never a layer name
+            return False
 
     def __len__(self):
         return len(self._layers)
@@ -219,7 +241,32 @@ class LoraAdapter:
 
         save_peft(self, path)
 
+    def __copy__(self):
+        # A shallow copy shares the layers but not the mapping: adding a
+        # layer to the copy must not add it to the original.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._layers = dict(self._layers)
+        return new
+
     def __repr__(self):
         c = self.config
         return (f"{type(self).__name__}({len(self)} layers, rank={c.rank}, alpha={c.alpha:g}, "
                 f"use_rslora={c.use_rslora})")
+
+
+def _as_rng(seed):
+    """``numpy.random.default_rng(seed)``, with its refusals as numba_lora errors.
+
+    The Generator is handed to :class:`LoraLinear`, which passes it through
+    ``default_rng`` unchanged: the same numbers as the seed itself.
+    """
+    try:
+        return np.random.default_rng(seed)
+    except TypeError as exc:
+        raise LoraTypeError(
+            f"seed must be None, an int, a SeedSequence or a Generator, got "
+            f"{type(seed).__name__} {seed!r}: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise LoraConfigError(f"seed {seed!r} is out of range: {exc}") from None

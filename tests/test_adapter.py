@@ -1,11 +1,16 @@
 """LoraConfig and LoraAdapter: validation, mapping behaviour, totals, PEFT files without torch."""
 
 import copy
+import dataclasses
 import json
+import os
 import pickle
+import tempfile
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import reference as ref
@@ -14,9 +19,12 @@ from numba_lora import (
     LoraAdapter,
     LoraConfig,
     LoraConfigError,
+    LoraDtypeError,
     LoraFormatError,
     LoraKeyError,
+    LoraLinear,
     LoraNonFiniteError,
+    LoraTypeError,
     LoraUnsupportedError,
 )
 from numba_lora.config import pattern_key
@@ -369,3 +377,381 @@ def test_missing_files(tmp_path):
 def test_save_empty_adapter_is_refused(tmp_path):
     with pytest.raises(LoraFormatError, match="no layers"):
         LoraAdapter(LoraConfig(rank=2, alpha=4)).save_peft(tmp_path)
+
+
+# ------------------------------------------------ adapter_config.json contents
+@pytest.mark.parametrize(
+    "config, key, match",
+    [
+        ({"r": "4"}, "r", "rank must be an integer"),
+        ({"r": [4]}, "r", "rank must be an integer"),
+        ({"r": None}, "r", "is null"),
+        ({"r": 2.0}, "r", "rank must be an integer"),
+        ({"lora_alpha": "4"}, "lora_alpha", "alpha must be a finite real number"),
+        ({"lora_alpha": {"a": 1}}, "lora_alpha", "alpha must be"),
+        ({"lora_alpha": 10**400}, "lora_alpha", "alpha must be"),
+        ({"rank_pattern": ["q", 2]}, "rank_pattern", "must be a dict"),
+        ({"rank_pattern": "q"}, "rank_pattern", "must be a dict"),
+        ({"rank_pattern": {"q": {"r": 2}}}, "rank_pattern", r"rank_pattern\['q'\]"),
+        ({"alpha_pattern": [1]}, "alpha_pattern", "must be a dict"),
+        ({"alpha_pattern": {"q": None}}, "alpha_pattern", r"alpha_pattern\['q'\]"),
+        ({"target_modules": 5}, "target_modules", "must be a string or a sequence"),
+        ({"target_modules": ["q", 1]}, "target_modules", "must hold strings"),
+        ({"target_modules": {"q": 1}}, "target_modules", "must be a string or a sequence"),
+        ({"use_rslora": "false"}, "use_rslora", "must be True or False"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out", "must be True or False"),
+        ({"lora_dropout": "0.1"}, "lora_dropout", "dropout must be a number"),
+    ],
+)
+def test_wrong_json_types_name_the_key(tmp_path, config, key, match):
+    path = write_adapter(tmp_path, config=config)
+    with pytest.raises(LoraFormatError, match=match) as info:
+        LoraAdapter.from_peft(path, BASE)
+    assert f"'{key}'" in str(info.value) and "adapter_config.json" in str(info.value)
+
+
+def test_nulls_peft_writes_are_defaults(tmp_path):
+    path = write_adapter(tmp_path, config={"rank_pattern": None, "alpha_pattern": None,
+                                           "target_modules": None, "lora_dropout": None,
+                                           "use_rslora": None, "fan_in_fan_out": None})
+    adapter = LoraAdapter.from_peft(path, BASE)
+    assert adapter.config.rank_pattern == {} and adapter.config.use_rslora is False
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"\xff\xfe{\x00}\x00", "is not UTF-8 text"),
+        ("{\"r\": 2, \"lora_alpha\": 4}".encode("utf-16"), "is not UTF-8 text"),
+        (b"{not json", "is not valid JSON"),
+        (b"[" * 100000 + b"]" * 100000, "is not valid JSON"),
+        (b"[1, 2]", "must hold a JSON object, got list"),
+        (b"", "is not valid JSON"),
+    ],
+)
+def test_unreadable_config_files(tmp_path, raw, match):
+    path = write_adapter(tmp_path)
+    (path / "adapter_config.json").write_bytes(raw)
+    with pytest.raises(LoraFormatError, match=match) as info:
+        LoraAdapter.from_peft(path, BASE)
+    assert "adapter_config.json" in str(info.value)
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = write_adapter(tmp_path)
+    text = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert LoraAdapter.from_peft(path, BASE).layer_names == ["layers.0.q"]
+
+
+# -------------------------------------------- tensors and base weights, refused
+def test_two_tensors_for_one_factor_are_refused(tmp_path):
+    tensors = {A_KEY: np.ones((2, 6), np.float32), B_KEY: np.ones((5, 2), np.float32),
+               "layers.0.q.lora_A.weight": 2 * np.ones((2, 6), np.float32)}
+    path = write_adapter(tmp_path, tensors=tensors)
+    with pytest.raises(LoraFormatError, match="are both the lora_A weight of module 'layers.0.q'") as info:
+        LoraAdapter.from_peft(path, BASE)
+    assert A_KEY in str(info.value) and "'layers.0.q.lora_A.weight'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        {"model.layers.0.q.weight": np.ones((5, 6)), "layers.0.q.weight": np.ones((5, 6))},
+        {"layers.0.q": np.ones((5, 6)), "layers.0.q.weight": np.ones((5, 6))},
+        {"base_model.model.layers.0.q.weight": np.ones((5, 6)), "layers.0.q": np.ones((5, 6))},
+    ],
+)
+def test_two_base_weights_for_one_module_are_refused(tmp_path, base):
+    with pytest.raises(LoraFormatError, match="2 weights for adapter module 'layers.0.q'") as info:
+        LoraAdapter.from_peft(write_adapter(tmp_path), base)
+    for key in base:
+        assert repr(key) in str(info.value)
+
+
+def test_two_base_weights_in_a_file_are_refused(tmp_path):
+    save_file({"model.layers.0.q.weight": np.ones((5, 6), np.float32),
+               "layers.0.q.weight": np.ones((5, 6), np.float32)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(LoraFormatError, match="m.safetensors holds 2 weights"):
+        LoraAdapter.from_peft(write_adapter(tmp_path / "a"), tmp_path / "m.safetensors")
+
+
+def test_an_unused_base_ambiguity_is_harmless(tmp_path):
+    base = dict(BASE) | {"model.k.weight": np.ones(3), "k.weight": np.ones(3)}
+    assert LoraAdapter.from_peft(write_adapter(tmp_path), base).layer_names == ["layers.0.q"]
+
+
+def bf16_file(path, header, data):
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize(
+    "base, error, match",
+    [
+        ([np.ones((5, 6))], LoraTypeError, "base_weights must be a mapping .* got list"),
+        (5, LoraTypeError, "got int"),
+        (None, LoraTypeError, "got NoneType"),
+        ({"layers.0.q": np.ones((5, 6), np.int32)}, LoraDtypeError,
+         "base weight 'layers.0.q' has dtype int32"),
+        ({"layers.0.q": np.ones((5, 6), complex)}, LoraDtypeError, "has dtype complex128"),
+        ({"layers.0.q": [[1.0] * 6] * 4 + [[1.0]]}, LoraDtypeError, "base weight 'layers.0.q'"),
+        ({"layers.0.q": "abc"}, LoraDtypeError, "has dtype <U3"),
+    ],
+)
+def test_bad_base_weights(tmp_path, base, error, match):
+    with pytest.raises(error, match=match):
+        LoraAdapter.from_peft(write_adapter(tmp_path), base)
+
+
+def test_base_weights_path_problems(tmp_path):
+    adapter_dir = write_adapter(tmp_path / "a")
+    with pytest.raises(LoraFormatError, match="is a directory, not a safetensors file"):
+        LoraAdapter.from_peft(adapter_dir, tmp_path)
+    with pytest.raises(LoraFormatError, match="does not exist"):
+        LoraAdapter.from_peft(adapter_dir, tmp_path / "nope.safetensors")
+    save_file({"layers.0.q.weight": np.ones((5, 6), np.int32)}, str(tmp_path / "int.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"int.safetensors: tensor 'layers.0.q.weight' has dtype I32"):
+        LoraAdapter.from_peft(adapter_dir, tmp_path / "int.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(LoraFormatError, match="junk.safetensors is 3 bytes long"):
+        LoraAdapter.from_peft(adapter_dir, tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize(
+    "dtype, nbytes, match",
+    [("I32", 4, "has dtype I32; LoRA factors must be floating point"),
+     ("F8_E4M3", 1, "has dtype F8_E4M3; LoRA factors must be floating point"),
+     ("C64", 8, "has dtype C64")],
+)
+def test_factor_dtypes_that_cannot_be_used(tmp_path, dtype, nbytes, match):
+    path = write_adapter(tmp_path)
+    header = {A_KEY: {"dtype": dtype, "shape": [2, 6], "data_offsets": [0, 12 * nbytes]},
+              B_KEY: {"dtype": "F32", "shape": [5, 2], "data_offsets": [12 * nbytes, 12 * nbytes + 40]}}
+    bf16_file(path / "adapter_model.safetensors", header, bytes(12 * nbytes + 40))
+    with pytest.raises(LoraFormatError, match=match) as info:
+        LoraAdapter.from_peft(path, BASE)
+    assert "adapter_model.safetensors" in str(info.value) and A_KEY in str(info.value)
+
+
+def test_a_truncated_adapter_file(tmp_path):
+    path = write_adapter(tmp_path)
+    blob = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(blob[:-7])
+    with pytest.raises(LoraFormatError, match="truncated") as info:
+        LoraAdapter.from_peft(path, BASE)
+    assert "adapter_model.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("path", [None, 3, ["dir"]])
+def test_from_peft_path_must_be_a_path(path):
+    with pytest.raises(LoraTypeError, match="path must be a str or os.PathLike"):
+        LoraAdapter.from_peft(path, BASE)
+
+
+def test_layer_order_survives_a_round_trip(tmp_path, rng):
+    adapter = LoraAdapter(LoraConfig(rank=2, alpha=4))
+    names = ["z.last", "a.first", "m.middle"]
+    for name in names:
+        adapter.add_layer(name, rng.standard_normal((4, 3)))
+    adapter.save_peft(tmp_path)
+    base = {f"{n}.weight": adapter[n].weight for n in names}
+    assert LoraAdapter.from_peft(tmp_path, base).layer_names == names
+
+
+# ----------------------------------------------------------------- layer names
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("", "non-empty string"),
+        ("a..b", "empty component"),
+        (".a", "empty component"),
+        ("a.", "empty component"),
+        ("a b", "whitespace"),
+        ("a\tb", "whitespace"),
+        ("a\x00b", "non-printable"),
+        ("a\u200bb", "non-printable"),
+        ("x.lora_A.y", "'lora_A'"),
+        ("x.lora_B", "'lora_B'"),
+        ("lora_A", "'lora_A'"),
+        ("x.lora_embedding_A", "lora_embedding_A"),
+        ("emb.lora_embedding_B.q", "lora_embedding_B"),
+        ("q.lora_magnitude_vector", "lora_magnitude_vector"),
+        ("modules_to_save.x", "modules_to_save"),
+        ("base_model.model.x", "starts with 'base_model.model.'"),
+    ],
+)
+def test_names_save_peft_cannot_round_trip_are_refused(name, match):
+    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter.add_layer("kept", np.ones((2, 2)))
+    with pytest.raises(LoraConfigError, match=match):
+        adapter.add_layer(name, np.ones((2, 2)))
+    assert adapter.layer_names == ["kept"]
+
+
+@pytest.mark.parametrize("name", [5, None, b"q", ("q",)])
+def test_non_string_names_are_type_errors(name):
+    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    with pytest.raises(LoraTypeError, match="layer name must be a str"):
+        adapter.add_layer(name, np.ones((2, 2)))
+    assert len(adapter) == 0
+
+
+@pytest.mark.parametrize("first, second", [("x", "model.x"), ("model.x", "x"),
+                                           ("model.x", "model.model.x"), ("model.model.x", "model.x")])
+def test_names_that_share_a_base_weight_are_refused(first, second):
+    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter.add_layer(first, np.ones((2, 2)))
+    with pytest.raises(LoraConfigError, match=f"clashes with layer '{first}'"):
+        adapter.add_layer(second, np.ones((2, 2)))
+    assert adapter.layer_names == [first]
+
+
+_COMPONENTS = st.one_of(
+    st.sampled_from(["model", "layers", "0", "q_proj", "lora_A", "lora_B", "lora_", "weight",
+                     "base_model", "lora_embedding_A", "modules_to_save", "", " ", "x y", "é",
+                     "\t", "-", "lora_A_x", "default"]),
+    st.text(max_size=4),
+)
+_NAMES = st.lists(_COMPONENTS, min_size=1, max_size=5).map(".".join)
+
+
+@given(names=st.lists(_NAMES, min_size=1, max_size=6), seed=st.integers(0, 2**32 - 1))
+def test_every_accepted_name_survives_save_and_load(names, seed):
+    rng = np.random.default_rng(seed)
+    adapter = LoraAdapter(LoraConfig(rank=2, alpha=3, rank_pattern={"q_proj": 1}))
+    for name in names:
+        try:
+            layer = adapter.add_layer(name, rng.standard_normal((3, 4)).astype(np.float32))
+        except (LoraConfigError, LoraTypeError):
+            continue
+        layer.lora_b = rng.standard_normal((3, layer.rank))
+    if not len(adapter):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save_peft(tmp)
+        base = {f"{n}.weight": layer.weight for n, layer in adapter.items()}
+        loaded = LoraAdapter.from_peft(tmp, base)
+    assert loaded.layer_names == adapter.layer_names
+    assert loaded.config == dataclasses.replace(adapter.config,
+                                                target_modules=tuple(adapter.layer_names))
+    for name, layer in adapter.items():
+        got = loaded[name]
+        assert (got.rank, got.alpha, got.scaling) == (layer.rank, layer.alpha, layer.scaling)
+        for attr in ("weight", "lora_a", "lora_b"):
+            np.testing.assert_array_equal(getattr(got, attr), getattr(layer, attr))
+
+
+# ------------------------------------------------------------- atomic saving
+def failing_save(tensors, filename, metadata=None):
+    with open(filename, "wb") as fh:
+        fh.write(b"half a safetensors file")
+    raise OSError("disk full (simulated)")
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_save_leaves_no_files(tmp_path, rng, monkeypatch):
+    import safetensors.numpy
+
+    adapter = make_adapter(rng)
+    (tmp_path / "other.txt").write_text("not ours")
+    old = tmp_path / "old"
+    adapter.save_peft(old)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+    for target in (tmp_path, old, tmp_path / "new" / "deeper"):
+        with pytest.raises(OSError, match="disk full"):
+            adapter.save_peft(target)
+        assert snapshot(tmp_path) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "other.txt"]
+
+
+@pytest.mark.parametrize("fail_on", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_failed_rename_restores_the_directory(tmp_path, rng, monkeypatch, fail_on):
+    adapter = make_adapter(rng)
+    make_adapter(rng, rank=2).save_peft(tmp_path / "old")
+    before = snapshot(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and str(dst).endswith(fail_on):  # new file into place
+            raise OSError("rename failed (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for target in (tmp_path / "old", tmp_path / "new"):
+        with pytest.raises(OSError, match="rename failed"):
+            adapter.save_peft(target)
+        assert snapshot(tmp_path) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_save_refuses_a_config_changed_after_the_layers(tmp_path, rng):
+    adapter = make_adapter(rng)
+    adapter.config.alpha = 99.0
+    with pytest.raises(LoraConfigError, match=r"layer 'layers.0.q_proj' has \(rank, alpha, use_rslora\)"):
+        adapter.save_peft(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_save_to_a_file_or_a_bad_path(tmp_path, rng):
+    adapter = make_adapter(rng)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LoraConfigError, match="exists and is not a directory"):
+        adapter.save_peft(tmp_path / "f")
+    with pytest.raises(LoraTypeError, match="path must be a str or os.PathLike"):
+        adapter.save_peft(None)
+    assert (tmp_path / "f").read_text() == "x"
+
+
+# ------------------------------------------------------------ pickle and copy
+def assert_same_adapter(a, b):
+    assert a.config == b.config and a.layer_names == b.layer_names
+    for name, layer in a.items():
+        other = b[name]
+        assert (other.rank, other.alpha, other.scaling, other.use_rslora, other.is_merged,
+                other.is_enabled) == (layer.rank, layer.alpha, layer.scaling, layer.use_rslora,
+                                      layer.is_merged, layer.is_enabled)
+        for attr in ("weight", "lora_a", "lora_b"):
+            x, y = getattr(layer, attr), getattr(other, attr)
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+            assert not np.shares_memory(x, y)
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda a: pickle.loads(pickle.dumps(a))],
+                         ids=["deepcopy", "pickle"])
+def test_adapter_pickles_and_deep_copies(copier, rng):
+    adapter = make_adapter(rng, rank_pattern={"fc": 2}, use_rslora=True)
+    adapter["layers.0.v_proj"].merge()
+    adapter["layers.1.fc"].disable()
+    other = copier(adapter)
+    assert_same_adapter(adapter, other)
+    other.add_layer("extra", np.ones((8, 8)))
+    other["layers.0.q_proj"].lora_b = np.zeros((24, 4))
+    other.config.rank_pattern["q"] = 1
+    assert "extra" not in adapter and adapter.config.rank_pattern == {"fc": 2}
+    assert np.abs(adapter["layers.0.q_proj"].lora_b).sum() > 0
+
+
+def test_adapter_shallow_copy_has_its_own_mapping(rng):
+    adapter = make_adapter(rng)
+    other = copy.copy(adapter)
+    other.add_layer("extra", np.ones((8, 8)))
+    assert "extra" not in adapter and other["layers.1.fc"] is adapter["layers.1.fc"]
+
+
+# --------------------------------------------------------------- constructors
+def test_adapter_constructor_and_seed_types():
+    with pytest.raises(LoraTypeError, match="config must be a LoraConfig, got dict"):
+        LoraAdapter({"rank": 4, "alpha": 8})
+    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    with pytest.raises(LoraTypeError, match="seed must be"):
+        adapter.add_layer("x", np.ones((2, 2)), seed="abc")
+    with pytest.raises(LoraConfigError, match="seed -1 is out of range"):
+        adapter.add_layer("x", np.ones((2, 2)), seed=-1)
+    assert len(adapter) == 0
+    seeded = adapter.add_layer("x", np.ones((2, 2)), seed=7)
+    np.testing.assert_array_equal(seeded.lora_a, LoraLinear(np.ones((2, 2)), 1, 1, seed=7).lora_a)

@@ -11,15 +11,25 @@ refused by name, never skipped.
 
 import json
 import os
-from pathlib import Path
+import uuid
+from collections.abc import Mapping
 
 import numpy as np
 
-from ..config import LoraConfig
-from .safetensors import read_safetensors
-from ..errors import LoraFormatError, LoraKeyError, LoraUnsupportedError
+from .._validate import as_array
+from ..config import LoraConfig, check_field
+from ..errors import (
+    LoraConfigError,
+    LoraDtypeError,
+    LoraFormatError,
+    LoraKeyError,
+    LoraTypeError,
+    LoraUnsupportedError,
+)
+from .safetensors import SafetensorsFile, as_path
 
-__all__ = ["load_peft", "save_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["load_peft", "save_peft", "check_module_name", "module_aliases",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,6 +66,79 @@ _UNSUPPORTED_TENSORS = (
     ("trainable_tokens", "trainable tokens"),
 )
 
+# safetensors dtypes a LoRA factor or a base weight may have.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+# adapter_config.json keys read into LoraConfig: (field, JSON key, required).
+# A JSON null counts as absent: PEFT writes null for unset optional entries.
+_CONFIG_FIELDS = (
+    ("rank", "r", True),
+    ("alpha", "lora_alpha", True),
+    ("dropout", "lora_dropout", False),
+    ("target_modules", "target_modules", False),
+    ("fan_in_fan_out", "fan_in_fan_out", False),
+    ("use_rslora", "use_rslora", False),
+    ("rank_pattern", "rank_pattern", False),
+    ("alpha_pattern", "alpha_pattern", False),
+)
+
+
+# ------------------------------------------------------------------- names
+def check_module_name(name):
+    """Return ``name`` if :func:`save_peft` writes it so that :func:`load_peft` reads it back.
+
+    The rule, derived from how tensor keys are parsed on the way in:
+
+    - a non-empty ``str`` of printable characters, with no whitespace;
+    - dotted components, none empty (no leading, trailing or double dots);
+    - no component ``lora_A`` or ``lora_B`` (the key's own markers);
+    - none of the fragments that mark features refused on reading
+      (``lora_embedding_A``, ``lora_magnitude_vector``, ``modules_to_save``, ...);
+    - not starting with ``base_model.model.`` (the prefix every key gets,
+      stripped once on reading and from base-weight names).
+
+    Raises
+    ------
+    LoraTypeError
+        If ``name`` is not a str.
+    LoraConfigError
+        If it breaks the rule; the message says which part.
+    """
+    if not isinstance(name, str):
+        raise LoraTypeError(f"layer name must be a str, got {type(name).__name__} {name!r}")
+
+    if not name:
+        raise LoraConfigError("layer name must be a non-empty string, got ''")
+
+    def refuse(why):
+        raise LoraConfigError(f"layer name {name!r} cannot be saved in PEFT's format: {why}")
+
+    if not name.isprintable() or any(ch.isspace() for ch in name):
+        refuse("it contains whitespace or non-printable characters")
+    if any(not part for part in name.split(".")):
+        refuse("it has an empty component (a leading, trailing or double dot)")
+    for part in name.split("."):
+        if part in ("lora_A", "lora_B"):
+            refuse(f"the component {part!r} marks the LoRA factors in tensor names")
+    for fragment, what in _UNSUPPORTED_TENSORS:
+        if fragment in name:
+            refuse(f"{fragment!r} marks {what}, which are refused on reading")
+    if name.startswith(PREFIX):
+        refuse(f"it starts with {PREFIX!r}, the prefix of every saved tensor name")
+    return name
+
+
+def module_aliases(name):
+    """Other module names whose base weight a lookup for ``name`` would also find.
+
+    Base weights are found with or without a leading ``model.``, so layers
+    ``x`` and ``model.x`` cannot both be loaded from one set of base weights.
+    """
+    aliases = {"model." + name}
+    if name.startswith("model."):
+        aliases.add(name[len("model."):])
+    return aliases
+
 
 # --------------------------------------------------------------------- reading
 def _read_config(path):
@@ -63,8 +146,12 @@ def _read_config(path):
     if not config_path.is_file():
         raise LoraFormatError(f"{path} has no {CONFIG_NAME}")
     try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+        text = config_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LoraFormatError(f"{config_path} is not UTF-8 text: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise LoraFormatError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise LoraFormatError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
@@ -76,26 +163,25 @@ def _read_config(path):
             raise LoraUnsupportedError(
                 f"{CONFIG_NAME} sets {key}={raw[key]!r}: {what} is not supported by numba_lora"
             )
-    for key in ("r", "lora_alpha"):
-        if key not in raw:
-            raise LoraFormatError(f"{CONFIG_NAME} has no {key!r}")
-    target = raw.get("target_modules") or ()
-    return LoraConfig(
-        rank=raw["r"],
-        alpha=raw["lora_alpha"],
-        dropout=raw.get("lora_dropout", 0.0) or 0.0,
-        target_modules=(target,) if isinstance(target, str) else tuple(target),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=raw.get("rank_pattern") or {},
-        alpha_pattern=raw.get("alpha_pattern") or {},
-    )
+    kwargs = {}
+    for field, key, required in _CONFIG_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            if required:
+                raise LoraFormatError(f"{config_path} has no {key!r}" if key not in raw
+                                      else f"{config_path}: {key!r} is null")
+            continue
+        try:
+            kwargs[field] = check_field(field, value)
+        except LoraConfigError as exc:
+            raise LoraFormatError(f"{config_path}: {key!r}: {exc}") from None
+    return LoraConfig(**kwargs)
 
 
-def _module_pairs(tensors):
-    """{module: {"A": array, "B": array}} from adapter tensor names."""
+def _module_keys(weights):
+    """{module: {"A": key, "B": key}} from the adapter file's tensor names, in file order."""
     modules = {}
-    for key, value in tensors.items():
+    for key in weights.keys():
         for fragment, what in _UNSUPPORTED_TENSORS:
             if fragment in key:
                 raise LoraUnsupportedError(f"tensor {key!r}: {what} are not supported by numba_lora")
@@ -106,88 +192,147 @@ def _module_pairs(tensors):
                 module, _, rest = name.partition(marker)
                 break
         else:
-            raise LoraFormatError(f"tensor {key!r} is not a lora_A or lora_B weight")
+            raise LoraFormatError(f"{weights.path}: tensor {key!r} is not a lora_A or lora_B weight")
         if rest == "bias":
             raise LoraUnsupportedError(f"tensor {key!r}: lora_bias is not supported by numba_lora")
         if rest != "weight":
-            raise LoraFormatError(f"tensor {key!r}: expected a name ending in .lora_{part}.weight")
-        value = np.asarray(value)
-        if value.ndim != 2:
+            raise LoraFormatError(
+                f"{weights.path}: tensor {key!r}: expected a name ending in .lora_{part}.weight")
+        try:
+            check_module_name(module)
+        except (LoraConfigError, LoraTypeError) as exc:
+            raise LoraFormatError(f"{weights.path}: tensor {key!r}: {exc}") from None
+        shape = weights.shape(key)
+        if len(shape) != 2:
             raise LoraUnsupportedError(
-                f"tensor {key!r} has shape {value.shape}: only linear (2-D) adapters are "
+                f"tensor {key!r} has shape {shape}: only linear (2-D) adapters are "
                 "supported, not convolution adapters"
             )
         entry = modules.setdefault(module, {})
-        entry[part] = (key, value)
+        if part in entry:
+            raise LoraFormatError(
+                f"{weights.path}: tensors {entry[part]!r} and {key!r} are both the lora_{part} "
+                f"weight of module {module!r}; keep one"
+            )
+        entry[part] = key
     for module, entry in modules.items():
         for part, other in (("A", "B"), ("B", "A")):
             if part not in entry:
                 raise LoraFormatError(
-                    f"tensor {entry[other][0]!r} has no matching lora_{part} weight "
+                    f"{weights.path}: tensor {entry[other]!r} has no matching lora_{part} weight "
                     f"({PREFIX}{module}.lora_{part}.weight)"
                 )
     return modules
 
 
-def _base_lookup(base_weights):
-    """{normalised module name: (original key, array)} for the base weights."""
-    if isinstance(base_weights, (str, os.PathLike)):
-        base_weights = read_safetensors(base_weights)
-    lookup = {}
-    for key, value in base_weights.items():
-        name = str(key)
-        if name.endswith(".weight"):
-            name = name[: -len(".weight")]
-        if name.startswith(PREFIX):
-            name = name[len(PREFIX):]
-        lookup.setdefault(name, (key, value))
-    return lookup
+def _check_float(file, key, what):
+    dtype = file.dtype(key)
+    if dtype not in _FLOAT_DTYPES:
+        raise LoraFormatError(
+            f"{file.path}: tensor {key!r} has dtype {dtype}; {what} must be floating point "
+            f"({', '.join(_FLOAT_DTYPES)})"
+        )
 
 
-def _find_base(lookup, module):
-    candidates = [module]
-    if module.startswith("model."):
-        candidates.append(module[len("model."):])
-    else:
-        candidates.append("model." + module)
-    for candidate in candidates:
-        if candidate in lookup:
-            return lookup[candidate]
-    raise LoraKeyError(
-        f"no base weight for adapter module {module!r} (looked for "
-        + ", ".join(repr(c) for c in candidates)
-        + ", with or without a '.weight' suffix)"
-    )
+def _normalise(key):
+    name = str(key)
+    if name.endswith(".weight"):
+        name = name[: -len(".weight")]
+    if name.startswith(PREFIX):
+        name = name[len(PREFIX):]
+    return name
+
+
+class _BaseWeights:
+    """Base weights by module name, from a mapping or (read lazily) a safetensors file."""
+
+    def __init__(self, base_weights):
+        if isinstance(base_weights, (str, os.PathLike)):
+            self._file = SafetensorsFile(base_weights)
+            keys = self._file.keys()
+        elif isinstance(base_weights, Mapping):
+            self._file = None
+            self._mapping = base_weights
+            keys = list(base_weights)
+        else:
+            raise LoraTypeError(
+                "base_weights must be a mapping {name: array} or the path of a .safetensors "
+                f"file, got {type(base_weights).__name__}"
+            )
+        self._lookup = {}
+        for key in keys:
+            self._lookup.setdefault(_normalise(key), []).append(key)
+
+    def find(self, module):
+        """(key, array) of the base weight of ``module``."""
+        candidates = [module]
+        if module.startswith("model."):
+            candidates.append(module[len("model."):])
+        else:
+            candidates.append("model." + module)
+        hits = [key for candidate in candidates for key in self._lookup.get(candidate, ())]
+        if not hits:
+            raise LoraKeyError(
+                f"no base weight for adapter module {module!r} (looked for "
+                + ", ".join(repr(c) for c in candidates)
+                + ", with or without a '.weight' suffix)"
+            )
+        if len(hits) > 1:
+            where = f"{self._file.path} holds" if self._file else "base_weights hold"
+            raise LoraFormatError(
+                f"{where} {len(hits)} weights for adapter module {module!r}: "
+                + " and ".join(repr(k) for k in hits) + "; keep one"
+            )
+        key = hits[0]
+        if self._file is not None:
+            _check_float(self._file, key, "base weights")
+            return key, self._file.read(key)
+        W = as_array(self._mapping[key], f"base weight {key!r}")
+        if W.dtype.kind != "f":
+            raise LoraDtypeError(
+                f"base weight {key!r} has dtype {W.dtype}; base weights must be float16, "
+                "float32 or float64"
+            )
+        return key, W
 
 
 def load_peft(cls, path, base_weights):
     """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``."""
-    path = Path(path)
+    path = as_path(path)
     config = _read_config(path)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         raise LoraFormatError(f"{path} has no {WEIGHTS_NAME}")
-    modules = _module_pairs(read_safetensors(weights_path))
+    weights = SafetensorsFile(weights_path)
+    modules = _module_keys(weights)
     if not modules:
         raise LoraFormatError(f"{weights_path} holds no LoRA tensors")
-    lookup = _base_lookup(base_weights)
+    for entry in modules.values():
+        for key in entry.values():
+            _check_float(weights, key, "LoRA factors")
+    base = _BaseWeights(base_weights)
+    factors = weights.read_many([key for entry in modules.values() for key in entry.values()])
+    # Files numba_lora saved list every layer in target_modules, in order:
+    # keep that order; others keep the file's.
+    position = {name: i for i, name in enumerate(config.target_modules)}
+    order = sorted(modules, key=lambda m: position.get(m, len(position)))
     adapter = cls(config)
-    for module, entry in modules.items():
-        (a_key, A), (b_key, B) = entry["A"], entry["B"]
+    for module in order:
+        a_key, b_key = modules[module]["A"], modules[module]["B"]
+        A, B = factors[a_key], factors[b_key]
         rank = A.shape[0]
         if B.shape[1] != rank:
             raise LoraFormatError(
-                f"tensor {b_key!r} has shape {B.shape}, expected (out_features, {rank}) "
-                f"to match {a_key!r} of shape {A.shape}"
+                f"{weights_path}: tensor {b_key!r} has shape {B.shape}, expected "
+                f"(out_features, {rank}) to match {a_key!r} of shape {A.shape}"
             )
         expected_rank = config.rank_for(module)
         if rank != expected_rank:
             raise LoraFormatError(
-                f"tensor {a_key!r} has rank {rank}, but {CONFIG_NAME} gives module {module!r} "
-                f"rank {expected_rank} (r or rank_pattern)"
+                f"{weights_path}: tensor {a_key!r} has rank {rank}, but {CONFIG_NAME} gives "
+                f"module {module!r} rank {expected_rank} (r or rank_pattern)"
             )
-        base_key, W = _find_base(lookup, module)
-        W = np.asarray(W)
+        base_key, W = base.find(module)
         expected = (A.shape[1], B.shape[0]) if config.fan_in_fan_out else (B.shape[0], A.shape[1])
         if W.shape != expected:
             layout = "(in_features, out_features), fan_in_fan_out" if config.fan_in_fan_out \
@@ -196,22 +341,48 @@ def load_peft(cls, path, base_weights):
                 f"base weight {base_key!r} has shape {W.shape}, but {a_key!r} {A.shape} and "
                 f"{b_key!r} {B.shape} need {expected} {layout}"
             )
-        layer = adapter.add_layer(module, W)
+        try:
+            layer = adapter.add_layer(module, W)
+        except LoraConfigError as exc:
+            raise LoraFormatError(f"{weights_path}: tensor {a_key!r}: {exc}") from None
         layer.lora_a = A
         layer.lora_b = B
     return adapter
 
 
 # --------------------------------------------------------------------- writing
-def save_peft(adapter, path):
-    """Write ``adapter`` as a PEFT adapter directory; see ``LoraAdapter.save_peft``."""
-    from safetensors.numpy import save_file
-
+def _check_savable(adapter):
+    """Refuse, before anything is written, what would not load back as it is."""
     if len(adapter) == 0:
         raise LoraFormatError("cannot save an adapter with no layers")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = adapter.config
+    config = adapter.config.validate()
+    for name, layer in adapter.items():
+        check_module_name(name)
+        # The file records the config, not each layer: a config changed after
+        # the layers were added would load with other ranks or scalings.
+        want = (config.rank_for(name), config.alpha_for(name), config.use_rslora)
+        have = (layer.rank, layer.alpha, layer.use_rslora)
+        if have != want:
+            raise LoraConfigError(
+                f"layer {name!r} has (rank, alpha, use_rslora) = {have}, but the adapter's "
+                f"config gives it {want}; the saved file would load with the config's values"
+            )
+    return config
+
+
+def save_peft(adapter, path):
+    """Write ``adapter`` as a PEFT adapter directory; see ``LoraAdapter.save_peft``.
+
+    Both files are written to temporary names in the target directory and
+    then renamed over the final ones (the files of an earlier save are moved
+    aside first), so a failed write leaves the directory as it was: no
+    partial or temporary file, the earlier adapter intact, and no directory
+    this call created.
+    """
+    from safetensors.numpy import save_file
+
+    path = as_path(path)
+    config = _check_savable(adapter)
     tensors = {}
     for name, layer in adapter.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(layer.lora_a)
@@ -238,5 +409,53 @@ def save_peft(adapter, path):
         "task_type": None,
         "base_model_name_or_path": None,
     }
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(payload, indent=2) + "\n"
+    if path.exists() and not path.is_dir():
+        raise LoraConfigError(f"cannot save the adapter to {path}: it exists and is not a directory")
+    created = []  # directories this call makes, deepest first
+    parent = path
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    tmp_weights = path / f".{WEIGHTS_NAME}.{token}.tmp"
+    tmp_config = path / f".{CONFIG_NAME}.{token}.tmp"
+    moves = ((tmp_weights, path / WEIGHTS_NAME), (tmp_config, path / CONFIG_NAME))
+    aside = []   # (backup, final): files of an earlier save, moved out of the way
+    placed = []  # finals this call has put in place
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        with open(tmp_config, "x", encoding="utf-8") as fh:
+            fh.write(text)
+        for tmp, final in moves:
+            if final.exists():
+                backup = path / f".{final.name}.{token}.bak"
+                os.replace(final, backup)
+                aside.append((backup, final))
+            os.replace(tmp, final)
+            placed.append(final)
+    except BaseException:
+        # Put the directory back as it was: no temporary file, no new file
+        # beside an old one, the earlier save (if any) restored.
+        for final in placed:
+            _quietly(final.unlink, missing_ok=True)
+        for backup, final in aside:
+            _quietly(os.replace, backup, final)
+        for tmp, _ in moves:
+            _quietly(tmp.unlink, missing_ok=True)
+        for directory in created:
+            if not _quietly(directory.rmdir):
+                break
+        raise
+    for backup, _ in aside:
+        _quietly(backup.unlink, missing_ok=True)
+
+
+def _quietly(action, *args, **kwargs):
+    """Run a clean-up step; True if it worked.  A failure must not hide the error being raised."""
+    try:
+        action(*args, **kwargs)
+    except OSError:
+        return False
+    return True
