@@ -1,23 +1,25 @@
 """``MultiLoraLinear``: one frozen base weight, many named adapters, adapter chosen per row."""
 
 import math
-import threading
 from collections import namedtuple
 
 import numpy as np
 
 from . import kernels
 from ._base import FrozenWeight
+from ._lock import RWLock
 from ._validate import (
     as_factor,
     as_real_array,
     as_weight,
     check_alpha,
+    check_flag,
     check_name,
     check_out,
+    check_scaling,
     check_shape,
 )
-from .errors import LoraConfigError, LoraKeyError, LoraShapeError
+from .errors import LoraConfigError, LoraKeyError, LoraShapeError, LoraTypeError
 from .layer import LoraLinear
 
 __all__ = ["MultiLoraLinear"]
@@ -25,6 +27,10 @@ __all__ = ["MultiLoraLinear"]
 # What a forward call reads, replaced whole on every change, so that a call
 # running in another thread always sees one consistent set of adapters.
 _Packed = namedtuple("_Packed", "names index A_cat BT_cat offsets scalings ranks alphas")
+
+_KERNELS = {"auto": kernels.forward_batch_multi,
+            "segmented": kernels.forward_batch_multi_segmented,
+            "rows": kernels.forward_batch_multi_rows}
 
 
 class MultiLoraLinear(FrozenWeight):
@@ -37,6 +43,9 @@ class MultiLoraLinear(FrozenWeight):
     :mod:`numba_lora.kernels.multi` for the two paths that add the low-rank
     terms.  There is no "active adapter": the choice is per call, so Python
     threads may call ``forward_batch`` on one layer at the same time.
+
+    Layers pickle and copy (:func:`copy.copy` and :func:`copy.deepcopy`
+    both give an independent layer with its own arrays and lock).
 
     Parameters
     ----------
@@ -58,7 +67,9 @@ class MultiLoraLinear(FrozenWeight):
 
     def __init__(self, weight):
         self._W = as_weight(weight)
-        self._lock = threading.Lock()
+        # Only changes take it (exclusively): a forward reads one _Packed
+        # snapshot and needs no lock.
+        self._lock = RWLock()
         out_features, in_features = self._W.shape
         self._packed = _Packed((), {}, np.empty((0, in_features), self._W.dtype),
                                np.empty((0, out_features), self._W.dtype),
@@ -74,7 +85,10 @@ class MultiLoraLinear(FrozenWeight):
         return len(self._packed.names)
 
     def __contains__(self, name):
-        return name in self._packed.index
+        try:
+            return name in self._packed.index
+        except TypeError:  # unhashable: never an adapter name
+            return False
 
     def scaling(self, name):
         """The scaling of adapter ``name``."""
@@ -90,9 +104,20 @@ class MultiLoraLinear(FrozenWeight):
         ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
         Factors are copied and converted to the layer's dtype.  Ranks may
         differ between adapters.
+
+        Raises
+        ------
+        LoraTypeError
+            If ``name`` is not a str or ``use_rslora`` not a bool.
+        LoraConfigError
+            If ``name`` is empty or taken, or ``alpha`` is not finite and
+            > 0, or the scaling overflows the layer's dtype.
+        LoraShapeError, LoraDtypeError
+            If A or B has the wrong shape or does not hold real numbers.
         """
         check_name(name, "adapter")
         alpha = check_alpha(alpha)
+        use_rslora = check_flag(use_rslora, "use_rslora")
         A = as_real_array(A, "A", self.dtype)
         if A.ndim != 2 or A.shape[0] < 1:
             raise LoraShapeError(f"A must be 2-D (rank >= 1, in_features={self.in_features}), "
@@ -100,10 +125,12 @@ class MultiLoraLinear(FrozenWeight):
         rank = A.shape[0]
         A = as_factor(A, "A", (rank, self.in_features), ("rank", "in_features"), self.dtype)
         B = as_factor(B, "B", (self.out_features, rank), ("out_features", "rank"), self.dtype)
-        self._insert(name, A, B, alpha / (math.sqrt(rank) if use_rslora else rank), alpha)
+        scaling = check_scaling(alpha / (math.sqrt(rank) if use_rslora else rank), self.dtype,
+                                f"scaling of adapter {name!r}")
+        self._insert(name, A, B, scaling, alpha)
 
     def _insert(self, name, A, B, scaling, alpha):
-        with self._lock:
+        with self._lock.write():
             packed = self._packed
             if name in packed.index:
                 raise LoraConfigError(f"layer already has an adapter named {name!r}")
@@ -120,21 +147,23 @@ class MultiLoraLinear(FrozenWeight):
         Its ``lora_a``, ``lora_b`` and scaling are taken; its own weight is
         not looked at, only its shape and dtype are checked.
         """
+        check_name(name, "adapter")
         if not isinstance(layer, LoraLinear):
-            raise TypeError(f"layer must be a LoraLinear, got {type(layer).__name__}")
+            raise LoraTypeError(f"layer must be a LoraLinear, got {type(layer).__name__}")
         if (layer.out_features, layer.in_features) != self._W.shape:
             raise LoraShapeError(
                 f"layer {name!r} is {layer.out_features}x{layer.in_features}, "
                 f"expected {self.out_features}x{self.in_features}"
             )
-        check_name(name, "adapter")
-        # The layer's own scaling, as it is (rsLoRA or not): no recomputation.
+        # The layer's own scaling, as it is (rsLoRA or not): no recomputation;
+        # checked again because a float64 layer's scaling may overflow float32.
+        scaling = check_scaling(layer.scaling, self.dtype, f"scaling of adapter {name!r}")
         self._insert(name, np.array(layer.lora_a, self.dtype), np.array(layer.lora_b, self.dtype),
-                     layer.scaling, layer.alpha)
+                     scaling, layer.alpha)
 
     def remove_adapter(self, name):
         """Remove adapter ``name``; later adapters' ids shift down by one."""
-        with self._lock:
+        with self._lock.write():
             packed = self._packed
             drop = self._id(name, packed)
             keep = [i for i in range(len(packed.names)) if i != drop]
@@ -173,39 +202,62 @@ class MultiLoraLinear(FrozenWeight):
 
     # -------------------------------------------------------------- forward
     def _ids(self, adapter_ids, batch, packed):
+        """``adapter_ids`` as a C-contiguous int64 array, every entry checked, nothing wrapped."""
         n = len(packed.names)
-        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "iu":
-            ids = adapter_ids.astype(np.int64, copy=False)
-        else:
-            if isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__len__"):
-                raise TypeError(
-                    "adapter_ids must be a sequence (one entry per row: an int id, a name, "
-                    f"or None), got {type(adapter_ids).__name__}"
+        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "biufc":
+            if adapter_ids.dtype.kind not in "iu":
+                raise LoraTypeError(
+                    "adapter_ids must hold integer ids (or be a sequence of names and None), "
+                    f"got an array of dtype {adapter_ids.dtype}"
                 )
-            ids = np.empty(len(adapter_ids), np.int64)
-            for row, entry in enumerate(adapter_ids):
-                if entry is None:
-                    ids[row] = -1
-                elif isinstance(entry, str):
-                    ids[row] = self._id(entry, packed)
-                elif isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
-                    ids[row] = entry
-                else:
-                    raise TypeError(
-                        f"adapter_ids[{row}] must be an int id, a name or None, got {entry!r}"
-                    )
-        if ids.ndim != 1 or ids.shape[0] != batch:
+            self._check_count(adapter_ids.shape, batch)
+            # Range-checked in the array's own dtype, before the cast to
+            # int64: a uint64 2**64 - 1 must not wrap to -1 (base only).
+            bad = adapter_ids >= n
+            if adapter_ids.dtype.kind == "i":
+                bad |= adapter_ids < -1
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise self._out_of_range(int(adapter_ids[row]), row, n)
+            return np.ascontiguousarray(adapter_ids, dtype=np.int64)
+        if (isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__len__")
+                or getattr(adapter_ids, "ndim", 1) == 0):
+            raise LoraTypeError(
+                "adapter_ids must be a sequence (one entry per row: an int id, a name, "
+                f"or None), got {type(adapter_ids).__name__}"
+            )
+        self._check_count((len(adapter_ids),), batch)
+        ids = np.empty(batch, np.int64)
+        for row, entry in enumerate(adapter_ids):
+            if entry is None:
+                ids[row] = -1
+            elif isinstance(entry, str):
+                ids[row] = self._id(entry, packed)
+            elif isinstance(entry, (int, np.integer)) and not isinstance(entry, (bool, np.bool_)):
+                value = int(entry)  # Python int: no wrap, whatever the size
+                if not -1 <= value < n:
+                    raise self._out_of_range(value, row, n)
+                ids[row] = value
+            else:
+                raise LoraTypeError(
+                    f"adapter_ids[{row}] must be an int id, a name or None, "
+                    f"got {type(entry).__name__} {entry!r}"
+                )
+        return ids
+
+    @staticmethod
+    def _check_count(shape, batch):
+        if len(shape) != 1 or shape[0] != batch:
             raise LoraShapeError(
-                f"adapter_ids must have one entry per row of X ({batch}), got shape {ids.shape}"
+                f"adapter_ids must have one entry per row of X ({batch}), got shape {shape}"
             )
-        bad = np.flatnonzero((ids < -1) | (ids >= n))
-        if bad.size:
-            row = int(bad[0])
-            raise LoraKeyError(
-                f"adapter id {int(ids[row])} at row {row} is out of range: expected -1 "
-                f"(base only) or 0..{n - 1} for the {n} adapters"
-            )
-        return np.ascontiguousarray(ids)
+
+    @staticmethod
+    def _out_of_range(value, row, n):
+        return LoraKeyError(
+            f"adapter id {value} at row {row} is out of range: expected -1 "
+            f"(base only) or 0..{n - 1} for the {n} adapters"
+        )
 
     def forward_batch(self, X, adapter_ids, out=None, *, path="auto"):
         """Apply each row's adapter (or none) to a batch.
@@ -230,6 +282,12 @@ class MultiLoraLinear(FrozenWeight):
         ndarray, shape (batch, out_features)
         """
         packed = self._packed
+        if not isinstance(path, str):
+            raise LoraTypeError(f"path must be 'auto', 'segmented' or 'rows', got "
+                                f"{type(path).__name__} {path!r}")
+        kernel = _KERNELS.get(path)
+        if kernel is None:
+            raise LoraConfigError(f"path must be 'auto', 'segmented' or 'rows', got {path!r}")
         X = np.asarray(as_real_array(X, "X", self.dtype), order="C")
         check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
         ids = self._ids(adapter_ids, X.shape[0], packed)
@@ -238,14 +296,26 @@ class MultiLoraLinear(FrozenWeight):
         else:
             check_out(out, (X.shape[0], self.out_features), self.dtype,
                       (X, self._W, packed.A_cat, packed.BT_cat))
-        try:
-            kernel = {"auto": kernels.forward_batch_multi,
-                      "segmented": kernels.forward_batch_multi_segmented,
-                      "rows": kernels.forward_batch_multi_rows}[path]
-        except KeyError:
-            raise ValueError(f"path must be 'auto', 'segmented' or 'rows', got {path!r}") from None
         return kernel(self._W, packed.A_cat, packed.BT_cat, packed.offsets, packed.scalings,
                       X, ids, out)
+
+    # ---------------------------------------------------------- utilities
+    def copy(self):
+        """An independent copy: its own W, packed factors and lock."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._W = self._W.copy()
+        packed = self._packed
+        new._packed = packed._replace(
+            index=dict(packed.index), A_cat=packed.A_cat.copy(), BT_cat=packed.BT_cat.copy(),
+            offsets=packed.offsets.copy(), scalings=packed.scalings.copy())
+        new._lock = RWLock()
+        return new
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo):
+        return self.copy()
 
     def __repr__(self):
         return (f"{type(self).__name__}(out_features={self.out_features}, "

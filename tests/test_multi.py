@@ -1,5 +1,7 @@
 """MultiLoraLinear and the multi-adapter kernels: rows match per-adapter LoraLinear results."""
 
+import copy
+import pickle
 import threading
 
 import numpy as np
@@ -13,9 +15,12 @@ from numba_lora import (
     LoraAdapter,
     LoraConfig,
     LoraConfigError,
+    LoraDtypeError,
+    LoraError,
     LoraKeyError,
     LoraLinear,
     LoraShapeError,
+    LoraTypeError,
     MultiLoraLinear,
     kernels,
 )
@@ -218,3 +223,177 @@ def test_bad_input(call, error, match, rng):
     with pytest.raises(error, match=match):
         call(multi)
     assert multi.adapter_names == names
+
+
+# ------------------------------------------------- adapter ids: nothing wraps
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        ([0, 2**63, 1], LoraKeyError, r"adapter id 9223372036854775808 at row 1 is out of range"),
+        ([0, 2**64 - 1, 1], LoraKeyError, r"adapter id 18446744073709551615 at row 1"),
+        ([0, -2**63 - 1, 1], LoraKeyError, r"adapter id -9223372036854775809 at row 1"),
+        ([0, 10**30, 1], LoraKeyError, "at row 1 is out of range"),
+        ([0, np.uint64(2**64 - 1), 1], LoraKeyError, r"adapter id 18446744073709551615 at row 1"),
+        (np.array([0, 2**64 - 1, 1], np.uint64), LoraKeyError,
+         r"adapter id 18446744073709551615 at row 1 is out of range"),
+        (np.array([0, 2**63, 1], np.uint64), LoraKeyError, "adapter id 9223372036854775808 at row 1"),
+        (np.array([0, 255, 1], np.uint8), LoraKeyError, "adapter id 255 at row 1"),
+        (np.array([0, -2, 1], np.int8), LoraKeyError, "adapter id -2 at row 1"),
+        (np.array([0.0, 1.0, 1.0]), LoraTypeError, "must hold integer ids .* dtype float64"),
+        (np.array([True, False, True]), LoraTypeError, "dtype bool"),
+        (np.array([0, 1, 1], complex), LoraTypeError, "dtype complex128"),
+        ([0, True, 1], LoraTypeError, r"adapter_ids\[1\] must be an int id, a name or None, got bool"),
+        ([0, np.bool_(False), 1], LoraTypeError, r"adapter_ids\[1\] .* got bool"),
+        ([0, 1.0, 1], LoraTypeError, r"adapter_ids\[1\] .* got float"),
+        ([0, ["adapter0"], 1], LoraTypeError, r"adapter_ids\[1\] .* got list"),
+        ([0, {"a"}, 1], LoraTypeError, r"adapter_ids\[1\] .* got set"),
+        ([0, b"adapter0", 1], LoraTypeError, r"adapter_ids\[1\] .* got bytes"),
+        (np.array(1), LoraShapeError, r"one entry per row of X \(3\), got shape \(\)"),
+        (np.array("adapter0"), LoraTypeError, "must be a sequence"),
+        (np.zeros((3, 1), np.int64), LoraShapeError, r"got shape \(3, 1\)"),
+        (iter([0, 1, 1]), LoraTypeError, "must be a sequence"),
+        (5, LoraTypeError, "must be a sequence"),
+    ],
+)
+def test_bad_adapter_ids_never_wrap(ids, error, match, rng):
+    multi, _, _ = build(rng, 10, 8, [2, 3], np.float64)
+    with pytest.raises(error, match=match) as info:
+        multi.forward_batch(np.ones((3, 8)), ids)
+    assert isinstance(info.value, LoraError)
+
+
+def test_valid_ids_in_every_integer_dtype(rng):
+    multi, _, _ = build(rng, 10, 8, [2, 3], np.float64)
+    X = rng.standard_normal((4, 8))
+    want = multi.forward_batch(X, [1, 0, -1, 1])
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
+        np.testing.assert_array_equal(multi.forward_batch(X, np.array([1, 0, -1, 1], dtype)), want)
+    want_unsigned = multi.forward_batch(X, [1, 0, 0, 1])
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        np.testing.assert_array_equal(multi.forward_batch(X, np.array([1, 0, 0, 1], dtype)),
+                                      want_unsigned)
+    np.testing.assert_array_equal(multi.forward_batch(X, [np.int8(1), 0, None, np.uint64(1)]), want)
+    np.testing.assert_array_equal(
+        multi.forward_batch(X, np.array(["adapter1", "adapter0", None, "adapter1"], object)), want)
+    np.testing.assert_array_equal(
+        multi.forward_batch(X[:2], np.array(["adapter1", "adapter0"])), want[:2])
+
+
+def test_unhashable_names(rng):
+    multi, _, _ = build(rng, 10, 8, [2], np.float64)
+    assert [1] not in multi
+    for call in (lambda: multi.scaling([1]), lambda: multi.rank({}), lambda: multi.remove_adapter([1])):
+        with pytest.raises(LoraKeyError, match="no adapter named"):
+            call()
+    assert multi.adapter_names == ["adapter0"]
+
+
+@pytest.mark.parametrize(
+    "path, error", [("fast", LoraConfigError), ("", LoraConfigError), (5, LoraTypeError),
+                    (["rows"], LoraTypeError), (None, LoraTypeError)])
+def test_bad_path(path, error, rng):
+    multi, _, _ = build(rng, 10, 8, [2], np.float64)
+    with pytest.raises(error, match="path must be 'auto', 'segmented' or 'rows'"):
+        multi.forward_batch(np.ones((2, 8)), [0, 0], path=path)
+
+
+# ------------------------------------------------------------ pickle and copy
+def assert_same_multi(a, b):
+    assert a.adapter_names == b.adapter_names and a.dtype == b.dtype
+    for name in a.adapter_names:
+        assert (a.rank(name), a.scaling(name)) == (b.rank(name), b.scaling(name))
+    pa, pb = a._packed, b._packed
+    assert pa.index == pb.index and pa.alphas == pb.alphas and pa.ranks == pb.ranks
+    for x, y in [(a._W, b._W), (pa.A_cat, pb.A_cat), (pa.BT_cat, pb.BT_cat),
+                 (pa.offsets, pb.offsets), (pa.scalings, pb.scalings)]:
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        assert not np.shares_memory(x, y) and y.flags.c_contiguous
+    assert a._lock is not b._lock
+
+
+COPIERS = [copy.copy, copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))]
+
+
+@pytest.mark.parametrize("copier", COPIERS, ids=["copy", "deepcopy", "pickle"])
+def test_multi_pickles_and_copies(copier, dtype, rng):
+    multi, _, _ = build(rng, 12, 9, [2, 4, 3], dtype, rslora=True)
+    other = copier(multi)
+    assert_same_multi(multi, other)
+    X = rng.standard_normal((5, 9)).astype(dtype)
+    ids = np.array([2, -1, 0, 1, 2])
+    np.testing.assert_array_equal(other.forward_batch(X, ids), multi.forward_batch(X, ids))
+    # Independent: changes to the copy leave the original alone, and back.
+    before = multi.forward_batch(X, ids)
+    other.remove_adapter("adapter0")
+    other.add_adapter("new", np.ones((1, 9)), np.ones((12, 1)), alpha=1.0)
+    multi.add_adapter("mine", np.ones((1, 9)), np.ones((12, 1)), alpha=2.0)
+    assert other.adapter_names == ["adapter1", "adapter2", "new"]
+    assert multi.adapter_names == ["adapter0", "adapter1", "adapter2", "mine"]
+    np.testing.assert_array_equal(multi.forward_batch(X, ids), before)
+
+
+def test_copies_and_the_original_run_side_by_side(rng):
+    multi, _, _ = build(rng, 32, 16, [4, 2], np.float32)
+    copies = [multi, copy.deepcopy(multi), pickle.loads(pickle.dumps(multi))]
+    X = rng.standard_normal((9, 16)).astype(np.float32)
+    ids = rng.integers(-1, 2, 9)
+    want = multi.forward_batch(X, ids)
+    results = [None] * 6
+    barrier = threading.Barrier(6)
+
+    def work(t):
+        barrier.wait()
+        target = copies[t % 3]
+        for _ in range(10):
+            results[t] = target.forward_batch(X, ids)
+        if t < 3:
+            target.add_adapter(f"t{t}", np.ones((1, 16)), np.ones((32, 1)), alpha=1.0)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------- constructor types
+def test_add_layer_and_add_adapter_types(rng):
+    multi, _, _ = build(rng, 10, 8, [2], np.float64)
+    before = copy.deepcopy(multi)
+    for call, error, match in [
+        (lambda: multi.add_layer("x", np.ones((10, 8))), LoraTypeError, "layer must be a LoraLinear"),
+        (lambda: multi.add_layer(3, LoraLinear(np.ones((10, 8)), 2, 1.0)), LoraTypeError,
+         "adapter name must be a non-empty string, got int"),
+        (lambda: multi.add_adapter(["x"], np.ones((2, 8)), np.ones((10, 2)), 1.0), LoraTypeError,
+         "adapter name"),
+        (lambda: multi.add_adapter("", np.ones((2, 8)), np.ones((10, 2)), 1.0), LoraConfigError,
+         "non-empty"),
+        (lambda: multi.add_adapter("x", [[1.0] * 8, [1.0]], np.ones((10, 2)), 1.0), LoraDtypeError,
+         "A must be an array of real numbers"),
+        (lambda: multi.add_adapter("x", np.ones((2, 8)), np.ones((10, 2), complex), 1.0),
+         LoraDtypeError, "B must hold real numbers"),
+        (lambda: multi.add_adapter("x", np.ones((2, 8)), np.ones((10, 2)), 1.0, use_rslora="yes"),
+         LoraTypeError, "use_rslora must be True or False"),
+        (lambda: multi.add_adapter("x", np.ones((1, 8)), None, 1.0), LoraDtypeError,
+         "B must hold real numbers"),
+        (lambda: multi.forward_batch([[1.0] * 8, [1.0]], [0, 0]), LoraDtypeError,
+         "X must be an array of real numbers"),
+        (lambda: multi.forward_batch(np.ones((2, 8)), [0, 0], out=[0.0]), LoraTypeError,
+         "out must be a numpy.ndarray"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    assert_same_multi(before, multi)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_scaling_that_overflows_float32_is_refused(rng):
+    multi = MultiLoraLinear(np.ones((4, 4), np.float32))
+    with pytest.raises(LoraConfigError, match="scaling of adapter 'big'"):
+        multi.add_adapter("big", np.ones((1, 4)), np.ones((4, 1)), alpha=1e39)
+    big = LoraLinear(np.ones((4, 4)), 1, 1e39)  # finite in float64
+    with pytest.raises(LoraConfigError, match="scaling of adapter 'big'"):
+        multi.add_layer("big", big)
+    assert len(multi) == 0
