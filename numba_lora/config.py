@@ -1,6 +1,5 @@
 """``LoraConfig``: the settings an adapter's layers share, as PEFT names them."""
 
-import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping
