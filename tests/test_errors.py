@@ -155,6 +155,10 @@ CASES = [
     ("save-path-none", lambda w: w.adapter.save_peft(None), LoraTypeError, TypeError),
     ("save-path-file", lambda w: w.adapter.save_peft(w.good / "adapter_config.json"),
      LoraConfigError, ValueError),
+    ("save-path-nul", lambda w: w.adapter.save_peft(str(w.tmp / "a\x00b")), LoraConfigError,
+     ValueError),
+    ("from-peft-path-nul", lambda w: LoraAdapter.from_peft("a\x00b", w.base), LoraConfigError,
+     ValueError),
     ("save-empty", lambda w: LoraAdapter(LoraConfig(rank=1, alpha=1)).save_peft(w.tmp / "e"),
      LoraFormatError, ValueError),
     # ---- from_peft: base weights

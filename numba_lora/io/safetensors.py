@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LoraFormatError, LoraTypeError
+from ..errors import LoraConfigError, LoraFormatError, LoraTypeError
 
 __all__ = ["SafetensorsFile", "read_safetensors"]
 
@@ -52,13 +52,20 @@ def _no_duplicates(pairs):
 
 
 def as_path(path, what="path"):
-    """``path`` as a :class:`~pathlib.Path`; LoraTypeError unless it is a str or os.PathLike."""
+    """``path`` as a :class:`~pathlib.Path`.
+
+    LoraTypeError unless it is a str or os.PathLike; LoraConfigError if it
+    holds a NUL character, which no file name can.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise LoraTypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     try:
-        return Path(path)
+        result = Path(path)
     except TypeError as exc:  # an os.PathLike whose __fspath__ returns bytes or junk
         raise LoraTypeError(f"{what} {path!r} is not a usable path: {exc}") from None
+    if "\x00" in str(result):  # open() and mkdir() would raise a bare ValueError
+        raise LoraConfigError(f"{what} {path!r} contains a NUL character")
+    return result
 
 
 class SafetensorsFile:
