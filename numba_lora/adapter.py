@@ -223,9 +223,19 @@ class LoraAdapter:
             For a feature numba_lora does not implement (DoRA, LoRA biases,
             ``modules_to_save``, embedding or convolution adapters, ...).
         LoraFormatError
-            For a malformed adapter (missing or unpaired tensors, shapes that
-            do not fit, a rank that disagrees with the config) or a missing
-            base weight; the message names the key.
+            For a malformed adapter or base-weights file: a file that is not
+            well-formed safetensors or UTF-8 JSON, a config entry of the
+            wrong type, missing, unpaired or duplicate tensors, a dtype that
+            is not float16/bfloat16/float32/float64, shapes that do not fit,
+            a rank that disagrees with the config, or two base weights for
+            one module.  The message names the file and the key.
+        LoraKeyError
+            If no base weight matches an adapter module.
+        LoraTypeError
+            If ``path`` is not a path, or ``base_weights`` neither a mapping
+            nor a path.
+        LoraDtypeError
+            If a base weight in a mapping is not a float array.
         """
         from .io.peft import load_peft
 
@@ -235,7 +245,23 @@ class LoraAdapter:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``.
 
         PEFT's ``PeftModel.from_pretrained`` loads the result.  Factors are
-        written in the layers' dtype.
+        written in the layers' dtype.  The files are written under temporary
+        names and renamed into place, so a failed write leaves the directory
+        as it was.
+
+        Raises
+        ------
+        LoraFormatError
+            If the adapter has no layers.
+        LoraConfigError
+            If a layer's rank, alpha or rsLoRA setting no longer matches the
+            config (changed after the layer was added), or ``path`` exists
+            and is not a directory.
+        LoraTypeError
+            If ``path`` is not a str or os.PathLike.
+        OSError
+            If the file system refuses the write (permissions, disk full);
+            nothing is left behind.
         """
         from .io.peft import save_peft
 
