@@ -719,6 +719,8 @@ def assert_same_adapter(a, b):
             x, y = getattr(layer, attr), getattr(other, attr)
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
             assert not np.shares_memory(x, y)
+        if hasattr(layer, "_lock"):  # layers that lock get a lock of their own
+            assert other._lock is not layer._lock
 
 
 @pytest.mark.parametrize("copier", [copy.deepcopy, lambda a: pickle.loads(pickle.dumps(a))],
