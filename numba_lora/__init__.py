@@ -11,9 +11,21 @@ The public surface:
 - the exceptions in :mod:`numba_lora.errors`, rooted at :class:`LoraError`.
 """
 
-from ._cache import clear_cache, ensure_fresh_cache
+import numba as _numba
 
-ensure_fresh_cache()  # before any kernel's cached code is loaded
+from .errors import LoraEnvironmentError as _LoraEnvironmentError
+
+if _numba.config.DISABLE_JIT:
+    # The kernels call BLAS through symbols only compiled code can reach;
+    # run as plain Python they would compute nothing, silently.
+    raise _LoraEnvironmentError(
+        "numba_lora needs Numba's compiler, but NUMBA_DISABLE_JIT=1 is set. Unset it "
+        "(for coverage of numba_lora's Python code, coverage works with the JIT on)."
+    )
+
+from ._cache import clear_cache, install_locator  # noqa: E402
+
+install_locator()  # before any kernel is defined
 
 from . import kernels  # noqa: E402
 from .adapter import AdapterSummary, LoraAdapter  # noqa: E402

@@ -1,24 +1,34 @@
 """Numba settings shared by every kernel, in one place.
 
-``FASTMATH`` is the flag set for arithmetic kernels: ``reassoc`` lets LLVM
-vectorise reductions, ``contract`` lets it fuse multiply-adds.  It leaves
-``nnan`` and ``ninf`` off: the full set (Numba's fastmath switched on as a
-whole) lets LLVM assume no NaN or infinity ever occurs (numba issues #2919
-and #9383).
+Two option sets, and every ``@njit`` in numba_lora takes one of them (a test
+walks every dispatcher in the package and checks it):
 
-That is not enough for finiteness tests: Numba's ``np.isfinite`` on a float
-is ``x - x == 0``, and ``nsz`` plus ``reassoc`` fold ``x - x`` to ``0``, so the
-test becomes ``True`` for NaN and infinity too (seen with Numba 0.68).  Code
-that tests values for finiteness is therefore compiled with
-``STRICT_OPTIONS`` (no fastmath at all).
+``JIT_OPTIONS``, for arithmetic whose rounding numba_lora does not promise
+(forward products, gathers, sorts): ``fastmath`` with ``reassoc`` (LLVM may
+vectorise reductions) and ``contract`` (it may fuse multiply-adds), but with
+``nnan`` and ``ninf`` off: the full set (Numba's ``fastmath=True``) lets LLVM
+assume no NaN or infinity ever occurs (numba issues #2919 and #9383).
+
+``EXACT_OPTIONS``, no fastmath at all, for code whose every rounding is part
+of its contract:
+
+- merge and unmerge, whose per-element order (a fused multiply-add chain
+  over the rank, then one product with the scaling, then one addition) is
+  what makes them independent of the thread count and bit-identical to
+  PEFT's merge; ``nsz`` alone would already change the sign of some zeros;
+- finiteness tests: Numba's ``np.isfinite`` on a float is ``x - x == 0``,
+  and ``nsz`` plus ``reassoc`` fold ``x - x`` to ``0``, so the test becomes
+  ``True`` for NaN and infinity too (seen with Numba 0.68).
+
+Both set ``cache=True`` (compiled code is kept on disk; see
+:mod:`numba_lora._cache`) and ``nogil=True`` (Python threads run kernels side
+by side).
 """
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
-#: Options for the kernels that do arithmetic.  ``cache=True`` writes
-#: compiled code to ``__pycache__`` beside the module (or to
-#: ``NUMBA_CACHE_DIR``); :func:`numba_lora.clear_cache` deletes it.
+#: Options for the kernels whose rounding is not part of their contract.
 JIT_OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 
-#: Options for code that tests values with ``np.isfinite``.
-STRICT_OPTIONS = dict(cache=True, nogil=True)
+#: Options for code that must round exactly as written (merge, finiteness).
+EXACT_OPTIONS = dict(cache=True, nogil=True)

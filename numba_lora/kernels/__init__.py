@@ -16,48 +16,70 @@ Contract shared by all kernels
 ------------------------------
 - ``W`` is ``(out_features, in_features)``, ``A`` is ``(rank, in_features)``,
   ``B`` is ``(out_features, rank)``; inputs and outputs follow from those.
-- All arrays share one dtype, ``float32`` or ``float64``, and are
-  C-contiguous; ``scaling`` is a Python or NumPy float.
-- The kernels check shapes and contiguity (it is free) and raise
-  ``ValueError`` when they disagree; they do not check values, dtype
-  agreement beyond what Numba's typing enforces, or aliasing between inputs
-  and outputs (``out`` must not overlap any input).
+- All float arrays of one call share one dtype, ``float32`` or ``float64``,
+  and are C-contiguous; ``scaling`` is a Python or NumPy real number.
+- Every argument is checked before any array is touched, so no call can
+  read or write outside its arrays:
+
+  - types (an array where one is needed, its number of dimensions, one
+    float dtype for all float arrays, integer arrays of int64, a writable
+    output) when Numba compiles the call: a mismatch compiles to a function
+    that raises :class:`~numba_lora.LoraTypeError`,
+    :class:`~numba_lora.LoraShapeError` or :class:`~numba_lora.LoraDtypeError`
+    naming the kernel and the argument (from Python and from your own
+    ``@njit`` code alike);
+  - shapes, contiguity and index ranges when it runs:
+    :class:`~numba_lora.LoraShapeError` / :class:`~numba_lora.LoraKeyError`.
+
+  Values are not checked (NaN in, NaN out), nor aliasing between inputs and
+  outputs (``out`` must not overlap any input: the result would be wrong,
+  though never out of bounds).
 - The low-rank term is skipped when ``scaling == 0``, so ``scaling=0`` gives
   the plain dense product ``W @ x``.
 
 Threads
 -------
-``forward``, ``forward_batch``, ``merge`` and ``unmerge`` are BLAS calls on
-the BLAS NumPy itself uses (see ``numba_lora.kernels._blas``), so they share one
-thread pool with the user's own NumPy products; ``threadpoolctl`` limits
-them, as it limits NumPy.  ``count_nonfinite_merged`` and merges of rank
-above ``BLAS_MERGE_MAX_RANK`` run on Numba's threads
-(``numba.set_num_threads``).  ``merge_serial`` and ``unmerge_serial`` use no
-threads and are meant for a caller's own ``prange`` loop; never call the
-BLAS-backed kernels inside a ``prange`` body (BLAS threads times Numba
-threads oversubscribe the cores).
+``forward``, ``forward_batch`` and the dense part of ``forward_batch_multi``
+are BLAS calls on the BLAS NumPy itself uses (see
+``numba_lora.kernels._blas``), so they share one thread pool with the user's
+own NumPy products; ``threadpoolctl`` limits them, as it limits NumPy.
+``merge``, ``unmerge`` and the ``count_nonfinite_*`` kernels run on Numba's
+threads (``numba.set_num_threads``).  ``merge_serial`` and
+``unmerge_serial`` use no threads and are meant for a caller's own
+``prange`` loop; never call the BLAS-backed kernels inside a ``prange``
+body (BLAS threads times Numba threads oversubscribe the cores).
 
 Numerical behaviour of merge
 ----------------------------
-``merge`` is one gemm with ``beta = 1``: ``W`` is updated in place, with no
-temporary, and each element is rounded once, after the rank-long sum (BLAS
-sums the whole of ``k`` in registers when the rank fits one of its panels,
-which is why ranks above ``BLAS_MERGE_MAX_RANK`` take the tiled path).
-``unmerge`` is the same gemm with ``-scaling``, so it subtracts exactly the
-delta ``merge`` added: after one cycle each element is within one rounding
-(half an ulp of the merged value plus half an ulp of the result) of where it
-started, and further cycles reproduce the first cycle's result bit for bit.
+``merge`` computes every element of W in W's dtype in one fixed order (a
+fused multiply-add chain over the rank from ``+0``, one product with the
+scaling rounded to W's dtype, one addition; see :func:`merge`), and spreads
+rows, never an element's sum, over Numba's threads.  So:
 
-``merge_serial``/``unmerge_serial`` (and the high-rank path) compute each
-element of the delta as ``sum_k (scaling * B[i, k]) * A[k, j]`` in the
-arrays' dtype, in an order fixed by the rank, and add it once; they are each
-other's exact inverse too, and independent of any thread count, but they
-round differently from BLAS: unmerge what ``merge`` merged with ``unmerge``.
+- the merged W is the same bits for any thread count (Numba's or BLAS's),
+  on every CPU with IEEE arithmetic;
+- it equals PEFT's ``merge_and_unload()`` bit for bit in float32 (checked
+  against PEFT 0.21 / torch 2.13 fixtures at ranks 1 to 256);
+- ``unmerge`` subtracts the same delta, so a merge/unmerge cycle ends within
+  one rounding of where it started, later cycles reproduce the first
+  cycle's result bit for bit, even when the thread count changed between
+  the two calls;
+- ``merge_serial``/``unmerge_serial`` are bit-identical to them;
+- ``count_nonfinite_merged`` computes the very same values without writing,
+  so it predicts exactly which elements a merge would make NaN or infinite.
 """
+import numba as _numba
 
-from .lora import (
-    BLAS_MERGE_MAX_RANK,
+# Start Numba's threading layer now.  The merge kernels hold parallel loops;
+# when a process loads them from the cache and a user's own (uncached)
+# @njit function links them in, nothing else has started the layer, and
+# LLVM aborts the process ("Symbol not found: allocate_sched").
+# get_num_threads() starts it as a side effect, through public API.
+_numba.get_num_threads()
+
+from .lora import (  # noqa: E402
     count_nonfinite_merged,
+    count_nonfinite_remerged,
     forward,
     forward_batch,
     merge,
@@ -65,7 +87,7 @@ from .lora import (
     unmerge,
     unmerge_serial,
 )
-from .multi import (
+from .multi import (  # noqa: E402
     SEGMENTED_MIN_ROWS,
     forward_batch_multi,
     forward_batch_multi_rows,
@@ -81,10 +103,10 @@ __all__ = [
     "merge_serial",
     "unmerge_serial",
     "count_nonfinite_merged",
+    "count_nonfinite_remerged",
     "forward_batch_multi",
     "forward_batch_multi_segmented",
     "forward_batch_multi_rows",
     "group_rows",
-    "BLAS_MERGE_MAX_RANK",
     "SEGMENTED_MIN_ROWS",
 ]

@@ -30,6 +30,10 @@ import numpy as np
 from llvmlite import binding as llvm
 from numba import njit, types
 
+from .._config import JIT_OPTIONS
+from ..errors import LoraShapeError
+from ._guard import guarded
+
 CBLAS_ROW_MAJOR = 101
 CBLAS_NO_TRANS = 111
 CBLAS_TRANS = 112
@@ -215,7 +219,7 @@ _sgemv = _gemv_ext(types.float32)
 _dgemv = _gemv_ext(types.float64)
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT_OPTIONS)
 def _scale(beta, c):
     """c = beta * c, with beta == 0 writing zeros (as BLAS does) even over NaN."""
     flat = c.reshape(-1)
@@ -223,11 +227,25 @@ def _scale(beta, c):
         flat[i] = beta * flat[i] if beta != 0 else 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT_OPTIONS)
 def _gemm(trans_b, alpha, a, b, beta, c):
-    """c = alpha * a @ op(b) + beta * c, op(b) = b.T if trans_b else b; C-contiguous arrays."""
+    """c = alpha * a @ op(b) + beta * c, op(b) = b.T if trans_b else b.
+
+    Checks every shape and C-contiguity before BLAS sees a pointer, so that
+    no call can read or write outside the arrays (dtypes and ndims were
+    checked when the call was compiled; see ``_guard``).
+    """
     m, k = a.shape
     n = c.shape[1]
+    if c.shape[0] != m:
+        raise LoraShapeError("gemm: c must have as many rows as a")
+    if trans_b:
+        if b.shape[0] != n or b.shape[1] != k:
+            raise LoraShapeError("gemm: b must be (n, k) for c = a @ b.T")
+    elif b.shape[0] != k or b.shape[1] != n:
+        raise LoraShapeError("gemm: b must be (k, n) for c = a @ b")
+    if not (a.flags.c_contiguous and b.flags.c_contiguous and c.flags.c_contiguous):
+        raise LoraShapeError("gemm: a, b and c must be C-contiguous")
     if m == 0 or n == 0:
         return
     if k == 0:
@@ -243,25 +261,23 @@ def _gemm(trans_b, alpha, a, b, beta, c):
                a.ctypes, k, b.ctypes, ldb, np.float64(beta), c.ctypes, n)
 
 
-@njit(cache=True, nogil=True)
-def gemm_nt(alpha, a, b, beta, c):
-    """``c = alpha * a @ b.T + beta * c`` for C-contiguous a (m, k), b (n, k), c (m, n).
-
-    One dtype, float32 or float64.
-    """
+@njit(**JIT_OPTIONS)
+def _gemm_nt(alpha, a, b, beta, c):
     _gemm(True, alpha, a, b, beta, c)
 
 
-@njit(cache=True, nogil=True)
-def gemm_nn(alpha, a, b, beta, c):
-    """``c = alpha * a @ b + beta * c`` for C-contiguous a (m, k), b (k, n), c (m, n)."""
+@njit(**JIT_OPTIONS)
+def _gemm_nn(alpha, a, b, beta, c):
     _gemm(False, alpha, a, b, beta, c)
 
 
-@njit(cache=True, nogil=True)
-def gemv_n(alpha, a, x, beta, y):
-    """``y = alpha * a @ x + beta * y`` for C-contiguous a (m, k), x (k,), y (m,)."""
+@njit(**JIT_OPTIONS)
+def _gemv_n(alpha, a, x, beta, y):
     m, k = a.shape
+    if x.shape[0] != k or y.shape[0] != m:
+        raise LoraShapeError("gemv: x must be (k,) and y (m,) for y = a @ x with a (m, k)")
+    if not (a.flags.c_contiguous and x.flags.c_contiguous and y.flags.c_contiguous):
+        raise LoraShapeError("gemv: a, x and y must be C-contiguous")
     if m == 0:
         return
     if k == 0:
@@ -273,3 +289,16 @@ def gemv_n(alpha, a, x, beta, y):
     else:
         _dgemv(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, m, k, np.float64(alpha), a.ctypes, k,
                x.ctypes, 1, np.float64(beta), y.ctypes, 1)
+
+
+_GEMM = (("alpha", "real"), ("a", "f2"), ("b", "f2"), ("beta", "real"), ("c", "f2w"))
+
+#: ``c = alpha * a @ b.T + beta * c`` for a (m, k), b (n, k), c (m, n); from @njit code.
+gemm_nt = guarded("gemm_nt", _GEMM, _gemm_nt)
+
+#: ``c = alpha * a @ b + beta * c`` for a (m, k), b (k, n), c (m, n); from @njit code.
+gemm_nn = guarded("gemm_nn", _GEMM, _gemm_nn)
+
+#: ``y = alpha * a @ x + beta * y`` for a (m, k), x (k,), y (m,); from @njit code.
+gemv_n = guarded("gemv_n", (("alpha", "real"), ("a", "f2"), ("x", "f1"), ("beta", "real"),
+                            ("y", "f1w")), _gemv_n)

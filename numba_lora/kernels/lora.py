@@ -1,13 +1,18 @@
 """Kernels for one adapter over one weight: forward, batched forward, merge, unmerge.
 
-The contract they share is in :mod:`numba_lora.kernels`.
+The contract they share is in :mod:`numba_lora.kernels`.  Each public kernel
+is a one-line ``@njit`` function over a guarded body (``_guard``): wrong
+argument types are refused when the call is compiled, shapes and
+contiguity when it runs, before any array is touched.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from ._blas import gemm_nn, gemm_nt, gemv_n
-from .._config import JIT_OPTIONS, STRICT_OPTIONS
+from .._config import EXACT_OPTIONS, JIT_OPTIONS
+from ..errors import LoraShapeError
+from ._blas import gemm_nt, gemv_n
+from ._guard import fma, guarded, prefetch
 
 __all__ = [
     "forward",
@@ -17,36 +22,56 @@ __all__ = [
     "merge_serial",
     "unmerge_serial",
     "count_nonfinite_merged",
+    "count_nonfinite_remerged",
 ]
 
-# Rows of W handled by one task of the merge loop, and columns per tile of
-# the delta accumulator.  They fix the blocking, which depends on the shape
-# only, never on the thread count.  Measured on 4096 x 4096 float32, rank 16:
-# tiles of 2048 beat 256..1024 (fewer slice set-ups per row) and 4096.
-ROW_BLOCK = 4
-COL_TILE = 2048
+# Rows of W per task of the parallel merge loop, and columns per tile of the
+# delta accumulator (4 KiB in float32: it stays in L1 while the rank's rows
+# of A stream through it).  They fix the blocking, never the order of any
+# sum: each element's arithmetic is the same whatever the tiles and threads.
+ROW_BLOCK = 8
+COL_TILE = 1024
 
-#: Highest rank merged by one BLAS gemm.  BLAS splits the sum over ``k``
-#: into panels (OpenBLAS: a few hundred long) and would round W once per
-#: panel, so longer ranks go through the tiled kernel, which rounds once.
-BLAS_MERGE_MAX_RANK = 128
+_ADD, _SUBTRACT = 0, 1
 
-#: ``count_nonfinite_merged`` flags elements within this relative distance
-#: of the dtype's largest value: there the rounding of the sum decides.
-OVERFLOW_GUARD = 2.0**-10
+_LORA = (("W", "f2"), ("A", "f2"), ("B", "f2"), ("scaling", "real"))
+_LORA_W = (("W", "f2w"), ("A", "f2"), ("B", "f2"), ("scaling", "real"))
 
 
 @njit(**JIT_OPTIONS)
 def _check_lora_shapes(W, A, B):
     out_features, in_features = W.shape
     if A.shape[1] != in_features:
-        raise ValueError("A must be (rank, in_features): A.shape[1] != W.shape[1]")
+        raise LoraShapeError("A must be (rank, in_features): A.shape[1] != W.shape[1]")
     if B.shape[0] != out_features:
-        raise ValueError("B must be (out_features, rank): B.shape[0] != W.shape[0]")
+        raise LoraShapeError("B must be (out_features, rank): B.shape[0] != W.shape[0]")
     if B.shape[1] != A.shape[0]:
-        raise ValueError("rank mismatch: B.shape[1] != A.shape[0]")
+        raise LoraShapeError("rank mismatch: B.shape[1] != A.shape[0]")
     if not (W.flags.c_contiguous and A.flags.c_contiguous and B.flags.c_contiguous):
-        raise ValueError("W, A and B must be C-contiguous")
+        raise LoraShapeError("W, A and B must be C-contiguous")
+
+
+# ----------------------------------------------------------------- forward
+@njit(**JIT_OPTIONS)
+def _forward(W, A, B, scaling, x, out):
+    _check_lora_shapes(W, A, B)
+    if x.shape[0] != W.shape[1] or out.shape[0] != W.shape[0]:
+        raise LoraShapeError("x must be (in_features,) and out (out_features,)")
+    if not (x.flags.c_contiguous and out.flags.c_contiguous):
+        raise LoraShapeError("x and out must be contiguous")
+    if scaling != 0 and A.shape[0] > 0:
+        t = np.empty(A.shape[0], dtype=out.dtype)
+        gemv_n(1.0, A, x, 0.0, t)
+        # The small term goes in first so that the big product accumulates
+        # onto it (beta = 1) in the same pass that writes out.
+        gemv_n(scaling, B, t, 0.0, out)
+        gemv_n(1.0, W, x, 1.0, out)
+    else:
+        gemv_n(1.0, W, x, 0.0, out)
+    return out
+
+
+_forward_checked = guarded("forward", _LORA + (("x", "f1"), ("out", "f1w")), _forward)
 
 
 @njit(**JIT_OPTIONS)
@@ -74,21 +99,31 @@ def forward(W, A, B, scaling, x, out):
     out : ndarray, shape (out_features,)
         The same array as ``out``.
     """
+    return _forward_checked(W, A, B, scaling, x, out)
+
+
+@njit(**JIT_OPTIONS)
+def _forward_batch(W, A, B, scaling, X, out):
     _check_lora_shapes(W, A, B)
-    if x.shape[0] != W.shape[1] or out.shape[0] != W.shape[0]:
-        raise ValueError("x must be (in_features,) and out (out_features,)")
-    if not (x.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("x and out must be contiguous")
+    batch = X.shape[0]
+    if X.shape[1] != W.shape[1] or out.shape[0] != batch or out.shape[1] != W.shape[0]:
+        raise LoraShapeError("X must be (batch, in_features) and out (batch, out_features)")
+    if not (X.flags.c_contiguous and out.flags.c_contiguous):
+        raise LoraShapeError("X and out must be C-contiguous")
+    if batch == 0:
+        return out
+    gemm_nt(1.0, X, W, 0.0, out)
     if scaling != 0 and A.shape[0] > 0:
-        t = np.empty(A.shape[0], dtype=out.dtype)
-        gemv_n(1.0, A, x, 0.0, t)
-        # The small term goes in first so that the big product accumulates
-        # onto it (beta = 1) in the same pass that writes out.
-        gemv_n(scaling, B, t, 0.0, out)
-        gemv_n(1.0, W, x, 1.0, out)
-    else:
-        gemv_n(1.0, W, x, 0.0, out)
+        T = np.empty((batch, A.shape[0]), dtype=out.dtype)
+        gemm_nt(1.0, X, A, 0.0, T)
+        # beta = 1: the low-rank term is added straight into out, with no
+        # (batch, out_features) temporary.
+        gemm_nt(scaling, T, B, 1.0, out)
     return out
+
+
+_forward_batch_checked = guarded("forward_batch", _LORA + (("X", "f2"), ("out", "f2w")),
+                                 _forward_batch)
 
 
 @njit(**JIT_OPTIONS)
@@ -115,125 +150,162 @@ def forward_batch(W, A, B, scaling, X, out):
     out : ndarray, shape (batch, out_features)
         The same array as ``out``.
     """
-    _check_lora_shapes(W, A, B)
-    batch = X.shape[0]
-    if X.shape[1] != W.shape[1] or out.shape[0] != batch or out.shape[1] != W.shape[0]:
-        raise ValueError("X must be (batch, in_features) and out (batch, out_features)")
-    if not (X.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("X and out must be C-contiguous")
-    if batch == 0:
-        return out
-    gemm_nt(1.0, X, W, 0.0, out)
-    if scaling != 0 and A.shape[0] > 0:
-        T = np.empty((batch, A.shape[0]), dtype=out.dtype)
-        gemm_nt(1.0, X, A, 0.0, T)
-        # beta = 1: the low-rank term is added straight into out, with no
-        # (batch, out_features) temporary.
-        gemm_nt(scaling, T, B, 1.0, out)
-    return out
+    return _forward_batch_checked(W, A, B, scaling, X, out)
 
 
-@njit(**JIT_OPTIONS)
-def _row_delta(A, c, j0, width, acc):
-    """acc[:width] = sum_k c[k] * A[k, j0:j0+width], k taken four at a time.
+# ------------------------------------------------------------------- merge
+#: Ranks above this are summed in blocks (see :func:`_delta_tile`).
+CHAIN_MAX_RANK = 192
 
-    Four rows of A per pass over acc quarter the accumulator's loads and
-    stores, which otherwise bound the loop.  The order of the sum is fixed by
-    the rank alone.
+
+@njit(**EXACT_OPTIONS)
+def _chain(A, B, i, j0, width, k0, k1, start, acc):
+    """``acc[:width] = start``, then ``acc[j] = fma(B[i, k], A[k, j0 + j], acc[j])`` for k0 <= k < k1.
+
+    Four steps of the chain share one load and store of ``acc`` (each step
+    still rounds once, in order), and the loop over ``j`` vectorises because
+    the elements are independent.
+    """
+    a = acc[:width]
+    for j in range(width):
+        a[j] = start
+    k = k0
+    while k + 4 <= k1:
+        A0 = A[k, j0:j0 + width]
+        A1 = A[k + 1, j0:j0 + width]
+        A2 = A[k + 2, j0:j0 + width]
+        A3 = A[k + 3, j0:j0 + width]
+        b0, b1, b2, b3 = B[i, k], B[i, k + 1], B[i, k + 2], B[i, k + 3]
+        for j in range(width):
+            a[j] = fma(b3, A3[j], fma(b2, A2[j], fma(b1, A1[j], fma(b0, A0[j], a[j]))))
+        k += 4
+    while k < k1:
+        Ak = A[k, j0:j0 + width]
+        bk = B[i, k]
+        for j in range(width):
+            a[j] = fma(bk, Ak[j], a[j])
+        k += 1
+
+
+@njit(**EXACT_OPTIONS)
+def _delta_tile(A, B, i, j0, width, acc, part):
+    """``acc[:width] = (B @ A)[i, j0:j0+width]``, summed in PEFT's (torch's CPU) order.
+
+    - rank 1: the product ``B[i, 0] * A[0, j]`` rounded once (a chain from
+      ``-0.0``, which keeps the product's sign of zero);
+    - rank 2 .. CHAIN_MAX_RANK: ``p = fma(B[i, k], A[k, j], p)`` for k
+      ascending from ``p = +0.0``;
+    - higher ranks: k cut into blocks of ``min(CHAIN_MAX_RANK, rank // 2)``
+      (the last block takes what is left), each block such a chain from
+      ``+0.0``, the block sums added left to right, each addition rounded.
+
+    ``part`` is scratch of the same size as ``acc``.
     """
     rank = A.shape[0]
-    a = acc[:width]
-    k = 0
-    while k < rank:
-        if k + 4 <= rank:
-            A0 = A[k, j0:j0 + width]
-            A1 = A[k + 1, j0:j0 + width]
-            A2 = A[k + 2, j0:j0 + width]
-            A3 = A[k + 3, j0:j0 + width]
-            c0, c1, c2, c3 = c[k], c[k + 1], c[k + 2], c[k + 3]
-            if k == 0:
+    zero = acc.dtype.type(0)
+    if rank == 1:
+        _chain(A, B, i, j0, width, 0, 1, -zero, acc)
+    elif rank <= CHAIN_MAX_RANK:
+        _chain(A, B, i, j0, width, 0, rank, zero, acc)
+    else:
+        block = min(CHAIN_MAX_RANK, rank // 2)
+        _chain(A, B, i, j0, width, 0, block, zero, acc)
+        for k0 in range(block, rank, block):
+            _chain(A, B, i, j0, width, k0, min(rank, k0 + block), zero, part)
+            for j in range(width):
+                acc[j] = acc[j] + part[j]
+
+
+@njit(**EXACT_OPTIONS)
+def _update_rows(W, A, B, s, r0, r1, mode, acc, part):
+    """Rows r0..r1-1 of W: ``W = W + delta`` (or ``- delta``), ``delta = (B @ A) * s`` rounded."""
+    in_features = W.shape[1]
+    itemsize = W.itemsize
+    base = W.ctypes.data
+    for i in range(r0, r1):
+        for j0 in range(0, in_features, COL_TILE):
+            width = min(COL_TILE, in_features - j0)
+            # Ask for the W tile now, so that memory delivers it while the
+            # delta is computed instead of after (it is only a hint).
+            start = base + (i * in_features + j0) * itemsize
+            for offset in range(0, width * itemsize, 64):
+                prefetch(start + offset)
+            _delta_tile(A, B, i, j0, width, acc, part)
+            w = W[i, j0:j0 + width]
+            if mode == _SUBTRACT:
                 for j in range(width):
-                    a[j] = (c0 * A0[j] + c1 * A1[j]) + (c2 * A2[j] + c3 * A3[j])
+                    w[j] = w[j] - acc[j] * s
             else:
                 for j in range(width):
-                    a[j] += (c0 * A0[j] + c1 * A1[j]) + (c2 * A2[j] + c3 * A3[j])
-            k += 4
-        else:
-            Ak = A[k, j0:j0 + width]
-            ck = c[k]
-            if k == 0:
-                for j in range(width):
-                    a[j] = ck * Ak[j]
-            else:
-                for j in range(width):
-                    a[j] += ck * Ak[j]
-            k += 1
+                    w[j] = w[j] + acc[j] * s
 
 
-@njit(**JIT_OPTIONS)
-def _scaled_row(B, i, s, c):
-    for k in range(B.shape[1]):
-        c[k] = s * B[i, k]
-
-
-@njit(**JIT_OPTIONS)
-def _n_row_blocks(W):
+@njit(**EXACT_OPTIONS)
+def _n_blocks(W):
     return (W.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
 
 
-@njit(**JIT_OPTIONS)
-def _update_row_block(W, A, B, scaling, ib, subtract):
-    """Add (or subtract) the delta to the rows of block ``ib`` of W, tile by tile."""
-    out_features, in_features = W.shape
+@njit(parallel=True, **EXACT_OPTIONS)
+def _update_parallel(W, A, B, s, mode):
+    n = _n_blocks(W)
+    for ib in prange(n):
+        acc = np.empty(min(COL_TILE, W.shape[1]), dtype=W.dtype)
+        part = np.empty_like(acc)
+        _update_rows(W, A, B, s, ib * ROW_BLOCK, min(W.shape[0], (ib + 1) * ROW_BLOCK),
+                     mode, acc, part)
+
+
+@njit(**EXACT_OPTIONS)
+def _merge(W, A, B, scaling, mode, parallel):
+    _check_lora_shapes(W, A, B)
+    # The scaling is rounded once to W's dtype, as PEFT's float32 merge does.
     s = W.dtype.type(scaling)
-    acc = np.empty(min(COL_TILE, in_features), dtype=W.dtype)
-    c = np.empty(A.shape[0], dtype=W.dtype)
-    for i in range(ib * ROW_BLOCK, min(out_features, (ib + 1) * ROW_BLOCK)):
-        _scaled_row(B, i, s, c)
-        for j0 in range(0, in_features, COL_TILE):
-            width = min(COL_TILE, in_features - j0)
-            _row_delta(A, c, j0, width, acc)
-            Wt = W[i, j0:j0 + width]
-            if subtract:
-                for j in range(width):
-                    Wt[j] -= acc[j]
-            else:
-                for j in range(width):
-                    Wt[j] += acc[j]
+    if parallel:
+        _update_parallel(W, A, B, s, mode)
+    else:
+        acc = np.empty(min(COL_TILE, W.shape[1]), dtype=W.dtype)
+        _update_rows(W, A, B, s, 0, W.shape[0], mode, acc, np.empty_like(acc))
 
 
-@njit(**STRICT_OPTIONS)
-def _count_unsafe_row_block(W, A, B, scaling, ib, limit):
-    """Elements of rows of block ``ib`` whose merged value is NaN, inf or beyond ``limit``.
-
-    The merged value is computed in float64, whatever W's dtype.
-    """
-    out_features, in_features = W.shape
-    acc = np.empty(min(COL_TILE, in_features), dtype=np.float64)
-    c = np.empty(A.shape[0], dtype=np.float64)
-    count = 0
-    for i in range(ib * ROW_BLOCK, min(out_features, (ib + 1) * ROW_BLOCK)):
-        _scaled_row(B, i, np.float64(scaling), c)
-        for j0 in range(0, in_features, COL_TILE):
-            width = min(COL_TILE, in_features - j0)
-            _row_delta(A, c, j0, width, acc)
-            Wt = W[i, j0:j0 + width]
-            for j in range(width):
-                # Written so that NaN fails the test too.
-                if not (abs(np.float64(Wt[j]) + acc[j]) <= limit):
-                    count += 1
-    return count
+@njit(**EXACT_OPTIONS)
+def _merge_add(W, A, B, scaling):
+    _merge(W, A, B, scaling, _ADD, True)
 
 
-@njit(parallel=True, **JIT_OPTIONS)
-def _tiled_update(W, A, B, scaling, subtract):
-    for ib in prange(_n_row_blocks(W)):
-        _update_row_block(W, A, B, scaling, ib, subtract)
+@njit(**EXACT_OPTIONS)
+def _merge_subtract(W, A, B, scaling):
+    _merge(W, A, B, scaling, _SUBTRACT, True)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**EXACT_OPTIONS)
+def _merge_add_serial(W, A, B, scaling):
+    _merge(W, A, B, scaling, _ADD, False)
+
+
+@njit(**EXACT_OPTIONS)
+def _merge_subtract_serial(W, A, B, scaling):
+    _merge(W, A, B, scaling, _SUBTRACT, False)
+
+
+_merge_checked = guarded("merge", _LORA_W, _merge_add)
+_unmerge_checked = guarded("unmerge", _LORA_W, _merge_subtract)
+_merge_serial_checked = guarded("merge_serial", _LORA_W, _merge_add_serial)
+_unmerge_serial_checked = guarded("unmerge_serial", _LORA_W, _merge_subtract_serial)
+
+
+@njit(**EXACT_OPTIONS)
 def merge(W, A, B, scaling):
-    """In place, ``W += scaling * B @ A``, without a W-sized temporary.
+    """In place, ``W += scaling * B @ A``, bit-identical to PEFT's merge, on Numba's threads.
+
+    Each element is computed in W's dtype in one fixed order: ``p`` is the
+    fused multiply-add chain ``p = fma(B[i, k], A[k, j], p)`` over
+    ``k = 0 .. rank-1`` from ``p = +0`` (rank 1: the plain product; ranks
+    above 192: such chains over blocks of k, added; see ``CHAIN_MAX_RANK``),
+    then ``delta = p * s`` rounded once, with ``s`` the scaling rounded once
+    to W's dtype, then ``W + delta`` rounded once.  Rows are split over Numba's threads, never an element's
+    sum, so the result is the same bits for any thread count, and equals
+    PEFT's ``merge_and_unload()`` for float32 (torch's CPU order).  No
+    W-sized temporary.
 
     Parameters
     ----------
@@ -246,73 +318,142 @@ def merge(W, A, B, scaling):
     scaling : float
         Multiplier of the low-rank term.
 
-    Notes
-    -----
-    One BLAS gemm with ``beta = 1`` (rank <= ``BLAS_MERGE_MAX_RANK``), else
-    the tiled kernel on Numba's threads.  Either way each element of W is
-    rounded once and :func:`unmerge` subtracts bitwise the same delta.
+    See Also
+    --------
+    unmerge : subtracts the same delta.
+    merge_serial : the same arithmetic on the calling thread.
+    count_nonfinite_merged : predicts, without writing, whether this merge
+        would make any element NaN or infinite.
     """
-    _check_lora_shapes(W, A, B)
-    if A.shape[0] <= BLAS_MERGE_MAX_RANK:
-        gemm_nn(scaling, B, A, 1.0, W)
-    else:
-        _tiled_update(W, A, B, scaling, False)
+    _merge_checked(W, A, B, scaling)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**EXACT_OPTIONS)
 def unmerge(W, A, B, scaling):
-    """In place, ``W -= scaling * B @ A``: the exact inverse step of :func:`merge`.
+    """In place, ``W -= scaling * B @ A``: subtracts bitwise the delta :func:`merge` adds.
 
-    The delta subtracted is bitwise the delta :func:`merge` adds (with the
-    same BLAS thread count).  Parameters as for :func:`merge`.
+    Parameters as for :func:`merge`.  Because the delta is the same bits, a
+    merge/unmerge cycle ends within one rounding of where it started, and
+    later cycles reproduce the first cycle's result bit for bit, whatever
+    the thread counts of each call.
     """
-    _check_lora_shapes(W, A, B)
-    if A.shape[0] <= BLAS_MERGE_MAX_RANK:
-        gemm_nn(-scaling, B, A, 1.0, W)
-    else:
-        _tiled_update(W, A, B, scaling, True)
+    _unmerge_checked(W, A, B, scaling)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**EXACT_OPTIONS)
 def merge_serial(W, A, B, scaling):
-    """``W += scaling * B @ A`` on the calling thread only, for a caller's ``prange``.
+    """:func:`merge` on the calling thread only (no threads), for a caller's ``prange``.
 
-    Tiled, no BLAS, no threads; the delta is rounded differently from
-    :func:`merge`'s, so undo it with :func:`unmerge_serial`.
+    Bit-identical to :func:`merge`.  Parameters as for :func:`merge`.
     """
-    _check_lora_shapes(W, A, B)
-    for ib in range(_n_row_blocks(W)):
-        _update_row_block(W, A, B, scaling, ib, False)
+    _merge_serial_checked(W, A, B, scaling)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**EXACT_OPTIONS)
 def unmerge_serial(W, A, B, scaling):
-    """``W -= scaling * B @ A`` on the calling thread: the exact inverse of :func:`merge_serial`."""
+    """:func:`unmerge` on the calling thread only; bit-identical to it.
+
+    Parameters as for :func:`merge`.
+    """
+    _unmerge_serial_checked(W, A, B, scaling)
+
+
+# ------------------------------------------------------------- finiteness
+@njit(**EXACT_OPTIONS)
+def _count_rows(W, A0, B0, A1, B1, s, r0, r1, replace, acc0, acc1, part, limit):
+    """Elements of rows r0..r1-1 whose merged value would not be finite.
+
+    The value is computed exactly as the merge computes it: ``W + delta1``,
+    or ``(W - delta0) + delta1`` when ``replace`` (an unmerge of (A0, B0)
+    followed by a merge of (A1, B1)).  Nothing is written.
+    """
+    in_features = W.shape[1]
+    count = 0
+    for i in range(r0, r1):
+        for j0 in range(0, in_features, COL_TILE):
+            width = min(COL_TILE, in_features - j0)
+            _delta_tile(A1, B1, i, j0, width, acc1, part)
+            if replace:
+                _delta_tile(A0, B0, i, j0, width, acc0, part)
+            w = W[i, j0:j0 + width]
+            for j in range(width):
+                value = w[j]
+                if replace:
+                    value = value - acc0[j] * s
+                value = value + acc1[j] * s
+                # Written so that NaN fails the test too.
+                if not (abs(value) <= limit):
+                    count += 1
+    return count
+
+
+@njit(parallel=True, **EXACT_OPTIONS)
+def _count_parallel(W, A0, B0, A1, B1, scaling, replace):
+    s = W.dtype.type(scaling)
+    limit = W.dtype.type(np.finfo(W.dtype).max)
+    n = _n_blocks(W)
+    width = min(COL_TILE, W.shape[1])
+    count = 0
+    for ib in prange(n):
+        acc0 = np.empty(width, dtype=W.dtype)
+        acc1 = np.empty(width, dtype=W.dtype)
+        part = np.empty(width, dtype=W.dtype)
+        count += _count_rows(W, A0, B0, A1, B1, s, ib * ROW_BLOCK,
+                             min(W.shape[0], (ib + 1) * ROW_BLOCK), replace, acc0, acc1, part,
+                             limit)
+    return count
+
+
+@njit(**EXACT_OPTIONS)
+def _count_merged(W, A, B, scaling):
     _check_lora_shapes(W, A, B)
-    for ib in range(_n_row_blocks(W)):
-        _update_row_block(W, A, B, scaling, ib, True)
+    return _count_parallel(W, A, B, A, B, scaling, False)
 
 
-@njit(parallel=True, **STRICT_OPTIONS)
+@njit(**EXACT_OPTIONS)
+def _count_remerged(W, A_old, B_old, A_new, B_new, scaling):
+    _check_lora_shapes(W, A_old, B_old)
+    _check_lora_shapes(W, A_new, B_new)
+    return _count_parallel(W, A_old, B_old, A_new, B_new, scaling, True)
+
+
+_count_merged_checked = guarded("count_nonfinite_merged", _LORA, _count_merged)
+_count_remerged_checked = guarded(
+    "count_nonfinite_remerged",
+    (("W", "f2"), ("A_old", "f2"), ("B_old", "f2"), ("A_new", "f2"), ("B_new", "f2"),
+     ("scaling", "real")),
+    _count_remerged)
+
+
+@njit(**EXACT_OPTIONS)
 def count_nonfinite_merged(W, A, B, scaling):
-    """How many elements of ``W + scaling * B @ A`` would be NaN, infinite, or nearly so.
+    """How many elements of W would be NaN or infinite after ``merge(W, A, B, scaling)``.
 
-    Reads W and writes nothing.  The merged values are computed in float64;
-    an element counts when it is NaN or infinite or its magnitude is within
-    a relative ``OVERFLOW_GUARD`` (2**-10) of the largest finite value of
-    W's dtype, where the rounding of the sum decides whether it overflows.
-    So a merge that this counts 0 for leaves every element finite, and one
-    it counts more for may be refused with W untouched.
-    ``LoraLinear.merge(check_finite=True)`` relies on that.
+    Computes every merged element exactly as :func:`merge` does (same dtype,
+    same order, same rounding of the scaling) and writes nothing, so a count
+    of 0 means the merge leaves every element finite, and a count above 0
+    that it would not (elements already NaN or infinite in W count too).
+
+    Parameters as for :func:`merge` (W may be read-only).
 
     Returns
     -------
     count : int
-        Elements counted (elements already non-finite in W count too).
     """
-    _check_lora_shapes(W, A, B)
-    limit = np.float64(np.finfo(W.dtype).max) * (1.0 - OVERFLOW_GUARD)
-    count = 0
-    for ib in prange(_n_row_blocks(W)):
-        count += _count_unsafe_row_block(W, A, B, scaling, ib, limit)
-    return count
+    return _count_merged_checked(W, A, B, scaling)
+
+
+@njit(**EXACT_OPTIONS)
+def count_nonfinite_remerged(W, A_old, B_old, A_new, B_new, scaling):
+    """Like :func:`count_nonfinite_merged` for replacing one merged update by another.
+
+    Counts the elements of ``merge(unmerge(W, A_old, B_old), A_new, B_new)``
+    (both with ``scaling``) that would be NaN or infinite, computed exactly
+    as those two calls would, without writing.  This is how a layer refuses
+    a new factor while merged with W untouched.
+
+    Returns
+    -------
+    count : int
+    """
+    return _count_remerged_checked(W, A_old, B_old, A_new, B_new, scaling)

@@ -27,14 +27,17 @@ Packed adapter arrays
 - ``ids`` (batch,) int64: the adapter of each row, ``-1`` for the base only.
 
 Everything C-contiguous, W, A_cat, BT_cat, X and out of one dtype (float32 or
-float64).  Ids outside ``[-1, N)`` raise ``ValueError``.
+float64).  Ids outside ``[-1, N)`` raise :class:`~numba_lora.LoraKeyError`;
+other types raise when the call is compiled (see ``_guard``).
 """
 
 import numpy as np
 from numba import njit
 
-from ._blas import gemm_nn, gemm_nt
 from .._config import JIT_OPTIONS
+from ..errors import LoraKeyError, LoraShapeError
+from ._blas import gemm_nn, gemm_nt
+from ._guard import guarded
 
 __all__ = [
     "forward_batch_multi",
@@ -57,40 +60,37 @@ def _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     out_features, in_features = W.shape
     n_adapters = scalings.shape[0]
     if offsets.shape[0] != n_adapters + 1:
-        raise ValueError("offsets must have one more entry than scalings")
+        raise LoraShapeError("offsets must have one more entry than scalings")
     if offsets[0] != 0 or offsets[n_adapters] != A_cat.shape[0]:
-        raise ValueError("offsets must start at 0 and end at A_cat.shape[0]")
+        raise LoraShapeError("offsets must start at 0 and end at A_cat.shape[0]")
     for i in range(n_adapters):
         if offsets[i + 1] < offsets[i]:
-            raise ValueError("offsets must be non-decreasing")
+            raise LoraShapeError("offsets must be non-decreasing")
     if A_cat.shape[1] != in_features or BT_cat.shape[1] != out_features:
-        raise ValueError("A_cat must be (R, in_features) and BT_cat (R, out_features)")
+        raise LoraShapeError("A_cat must be (R, in_features) and BT_cat (R, out_features)")
     if BT_cat.shape[0] != A_cat.shape[0]:
-        raise ValueError("A_cat and BT_cat must have the same number of rows")
+        raise LoraShapeError("A_cat and BT_cat must have the same number of rows")
     batch = X.shape[0]
     if X.shape[1] != in_features or out.shape[0] != batch or out.shape[1] != out_features:
-        raise ValueError("X must be (batch, in_features) and out (batch, out_features)")
+        raise LoraShapeError("X must be (batch, in_features) and out (batch, out_features)")
     if ids.shape[0] != batch:
-        raise ValueError("ids must have one entry per row of X")
+        raise LoraShapeError("ids must have one entry per row of X")
     for b in range(batch):
         if ids[b] < -1 or ids[b] >= n_adapters:
-            raise ValueError("adapter id out of range: must be -1 or in [0, n_adapters)")
+            raise LoraKeyError("adapter id out of range: must be -1 or in [0, n_adapters)")
     if not (W.flags.c_contiguous and A_cat.flags.c_contiguous and BT_cat.flags.c_contiguous
             and X.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("W, A_cat, BT_cat, X and out must be C-contiguous")
+        raise LoraShapeError("W, A_cat, BT_cat, X and out must be C-contiguous")
 
 
 @njit(**JIT_OPTIONS)
-def group_rows(ids, n_adapters):
-    """Counting sort of rows by adapter.
-
-    Returns
-    -------
-    order : ndarray of int64, shape (rows using an adapter,)
-        Row indices, grouped by adapter, in row order within each group.
-    starts : ndarray of int64, shape (n_adapters + 1,)
-        ``order[starts[i]:starts[i+1]]`` are the rows of adapter ``i``.
-    """
+def _group_rows(ids, n_adapters):
+    """Counting sort of rows by adapter; see :func:`group_rows`."""
+    if n_adapters < 0:
+        raise LoraShapeError("n_adapters must be >= 0")
+    for b in range(ids.shape[0]):
+        if ids[b] < -1 or ids[b] >= n_adapters:
+            raise LoraKeyError("adapter id out of range: must be -1 or in [0, n_adapters)")
     counts = np.zeros(n_adapters + 1, dtype=np.int64)
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
@@ -107,6 +107,31 @@ def group_rows(ids, n_adapters):
     return order, counts
 
 
+_group_rows_checked = guarded("group_rows", (("ids", "i64"), ("n_adapters", "int")), _group_rows)
+
+
+@njit(**JIT_OPTIONS)
+def group_rows(ids, n_adapters):
+    """Counting sort of rows by adapter.
+
+    Parameters
+    ----------
+    ids : ndarray of int64, shape (batch,)
+        The adapter of each row, ``-1`` for none; values must lie in
+        ``[-1, n_adapters)``.
+    n_adapters : int
+        Number of adapters.
+
+    Returns
+    -------
+    order : ndarray of int64, shape (rows using an adapter,)
+        Row indices, grouped by adapter, in row order within each group.
+    starts : ndarray of int64, shape (n_adapters + 1,)
+        ``order[starts[i]:starts[i+1]]`` are the rows of adapter ``i``.
+    """
+    return _group_rows_checked(ids, n_adapters)
+
+
 @njit(**JIT_OPTIONS)
 def _max_rank(offsets):
     largest = 0
@@ -119,7 +144,7 @@ def _max_rank(offsets):
 def _add_segments(A_cat, BT_cat, offsets, scalings, X, ids, out):
     """Add the low-rank term of each row, adapter segment by adapter segment."""
     n_adapters = scalings.shape[0]
-    order, starts = group_rows(ids, n_adapters)
+    order, starts = _group_rows(ids, n_adapters)
     n_rows = order.shape[0]
     if n_rows == 0:
         return
@@ -214,6 +239,29 @@ def _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, path):
 
 
 @njit(**JIT_OPTIONS)
+def _multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _SEGMENTED)
+
+
+@njit(**JIT_OPTIONS)
+def _multi_rows(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _ROWS)
+
+
+@njit(**JIT_OPTIONS)
+def _multi_auto(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
+    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _AUTO)
+
+
+_MULTI = (("W", "f2"), ("A_cat", "f2"), ("BT_cat", "f2"), ("offsets", "i64"),
+          ("scalings", "f64"), ("X", "f2"), ("ids", "i64"), ("out", "f2w"))
+_forward_batch_multi_segmented_checked = guarded("forward_batch_multi_segmented", _MULTI,
+                                                 _multi_segmented)
+_forward_batch_multi_rows_checked = guarded("forward_batch_multi_rows", _MULTI, _multi_rows)
+_forward_batch_multi_checked = guarded("forward_batch_multi", _MULTI, _multi_auto)
+
+
+@njit(**JIT_OPTIONS)
 def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     """``out[b] = W @ X[b] + s_i * B_i @ (A_i @ X[b])`` with ``i = ids[b]``, segmented path.
 
@@ -225,7 +273,7 @@ def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, o
     -------
     out : ndarray, shape (batch, out_features)
     """
-    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _SEGMENTED)
+    return _forward_batch_multi_segmented_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
 
 
 @njit(**JIT_OPTIONS)
@@ -235,7 +283,7 @@ def forward_batch_multi_rows(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     One gemm for the dense product, then loops over rows: ``t = s_i * A_i @
     x`` and ``out[b] += t @ B_i.T``, on the calling thread.
     """
-    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _ROWS)
+    return _forward_batch_multi_rows_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
 
 
 @njit(**JIT_OPTIONS)
@@ -246,4 +294,4 @@ def forward_batch_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     ``SEGMENTED_MIN_ROWS`` per adapter in use, per row otherwise.  Arguments
     and result as for :func:`forward_batch_multi_segmented`.
     """
-    return _forward_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out, _AUTO)
+    return _forward_batch_multi_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)

@@ -1,0 +1,149 @@
+"""Type checks that run when Numba compiles a kernel, and an exact fused multiply-add.
+
+Every public kernel (and every BLAS wrapper) is guarded: when Numba types a
+call, :func:`guarded` looks at the argument types and, if one is not what
+the kernel needs (not an array, the wrong number of dimensions, a dtype
+other than the one float dtype all float arrays share, a read-only output),
+compiles a function that only raises a :class:`~numba_lora.LoraError` whose
+message names the kernel, the argument, what was expected and what came.
+The kernel's body is then never compiled for those types, so it can never
+run on them: a float32 array among float64 ones, an int16 ``out`` or a 2-D
+``x`` is an error, never a read or write past an array's end.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from ..errors import LoraDtypeError, LoraShapeError, LoraTypeError
+
+__all__ = ["guarded", "fma", "prefetch"]
+
+#: Argument kinds: (what it must be, ndim, dtype rule, writable).
+#: dtype rule "float" means float32 or float64, one dtype shared by every
+#: "float" argument of the call.
+KINDS = {
+    "f1": ("array", 1, "float", False),
+    "f2": ("array", 2, "float", False),
+    "f1w": ("array", 1, "float", True),
+    "f2w": ("array", 2, "float", True),
+    "i64": ("array", 1, types.int64, False),
+    "f64": ("array", 1, types.float64, False),
+    "real": ("scalar", 0, None, False),
+    "int": ("scalar", 0, "int", False),
+}
+
+_FLOATS = (types.float32, types.float64)
+
+
+def _problem(kernel, names, kinds, argtypes):
+    """(exception class, message) for the first wrong argument type, or None."""
+    floats = []
+    for name, kind, ty in zip(names, kinds, argtypes):
+        what, ndim, dtype, writable = KINDS[kind]
+        if what == "scalar":
+            if dtype == "int":
+                if not isinstance(ty, types.Integer) or isinstance(ty, types.Boolean):
+                    return LoraTypeError, (f"kernels.{kernel}: {name} must be an integer, "
+                                           f"got {ty}")
+                continue
+            if not isinstance(ty, (types.Float, types.Integer)) or isinstance(ty, types.Boolean):
+                return LoraTypeError, (f"kernels.{kernel}: {name} must be a real number "
+                                       f"(int or float), got {ty}")
+            continue
+        if not isinstance(ty, types.Array):
+            return LoraTypeError, (f"kernels.{kernel}: {name} must be a NumPy array "
+                                   f"({ndim}-D), got {ty}")
+        if ty.ndim != ndim:
+            return LoraShapeError, (f"kernels.{kernel}: {name} must be {ndim}-D, "
+                                    f"got a {ty.ndim}-D array")
+        if dtype == "float":
+            floats.append((name, ty.dtype))
+        elif ty.dtype != dtype:
+            return LoraDtypeError, (f"kernels.{kernel}: {name} must have dtype {dtype}, "
+                                    f"got {ty.dtype}")
+        if writable and not ty.mutable:
+            return LoraTypeError, (f"kernels.{kernel}: {name} is written to and must be "
+                                   "writable, got a read-only array")
+    if floats:
+        first = floats[0][1]
+        if first not in _FLOATS or any(dt != first for _, dt in floats):
+            listing = ", ".join(f"{name} {dt}" for name, dt in floats)
+            names_ = ", ".join(name for name, _ in floats)
+            return LoraDtypeError, (f"kernels.{kernel}: {names_} must share one dtype, "
+                                    f"float32 or float64; got {listing}")
+    return None
+
+
+def guarded(kernel, params, impl):
+    """A function that calls ``impl`` when the argument types fit ``params``, else raises.
+
+    Parameters
+    ----------
+    kernel : str
+        The public name, for messages (``"forward"``).
+    params : sequence of (str, str)
+        (argument name, kind from :data:`KINDS`) for each argument, in order.
+    impl : numba dispatcher
+        The kernel's body, only ever compiled for fitting types.
+
+    Returns
+    -------
+    callable
+        A function to call from ``@njit`` code only.
+    """
+    names = tuple(name for name, _ in params)
+    kinds = tuple(kind for _, kind in params)
+
+    def checked(*args):  # only reachable when compiled
+        raise LoraTypeError(f"kernels.{kernel}'s guard is for @njit code")
+
+    @overload(checked)
+    def _typed(*args):
+        if len(args) != len(names):
+            return None
+        found = _problem(kernel, names, kinds, args)
+        if found is None:
+            def call(*args):
+                return impl(*args)
+            return call
+        exc, message = found
+
+        def refuse(*args):
+            raise exc(message)
+        return refuse
+
+    checked.__name__ = checked.__qualname__ = f"_checked_{kernel}"
+    return checked
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (LLVM's ``llvm.fma``), for float32 or float64."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Hint the CPU to bring the cache line at ``address`` (an integer) in for writing."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        # rw = 1 (for writing), locality = 3 (keep in all levels), data cache.
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
