@@ -10,6 +10,7 @@ import numpy as np
 
 from . import kernels
 from ._base import FrozenWeight, readonly
+from ._lock import RWLock
 from ._validate import (
     as_factor,
     as_real_array,
@@ -17,6 +18,7 @@ from ._validate import (
     check_alpha,
     check_out,
     check_rank,
+    check_scaling,
     check_shape,
 )
 from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraStateError
@@ -59,6 +61,14 @@ class LoraLinear(FrozenWeight):
     merged and disabled it computes ``W_merged x - scaling * B (A x)``, which
     equals ``W_base x`` up to rounding, without touching W.
 
+    Threads: any number of threads may call the forwards of one layer at
+    once (they run side by side, without the GIL, and give the same bits as
+    serial calls).  State changes (:meth:`merge`, :meth:`unmerge`, the
+    factor setters, :meth:`enable`, :meth:`disable`) take the layer alone:
+    they wait for running forwards to finish and hold new ones back until
+    they are done, so no forward sees a half-merged W and two merges cannot
+    both apply.  Copies and unpickled layers have their own lock.
+
     Examples
     --------
     >>> import numpy as np
@@ -91,9 +101,11 @@ class LoraLinear(FrozenWeight):
         self._rank = rank
         self._alpha = alpha
         self._use_rslora = bool(use_rslora)
-        self._scaling = alpha / (math.sqrt(rank) if self._use_rslora else rank)
+        self._scaling = check_scaling(
+            alpha / (math.sqrt(rank) if self._use_rslora else rank), W.dtype)
         self._merged = False
         self._enabled = True
+        self._lock = RWLock()
 
     # ------------------------------------------------------------------ shape
     @property
@@ -163,12 +175,23 @@ class LoraLinear(FrozenWeight):
         self._replace_factors(self._A, new)
 
     def _replace_factors(self, A, B):
-        # Validation is done, so neither kernel call can fail half-way.
-        if self._merged:
-            kernels.unmerge(self._W, self._A, self._B, self._scaling)
-            kernels.merge(self._W, A, B, self._scaling)
-        self._A = A
-        self._B = B
+        # Validation is done; while merged, W must go from W_base + s B_old A_old
+        # to W_base + s B_new A_new.  The check computes exactly what the
+        # unmerge + merge below will, so a refusal leaves W, A, B untouched,
+        # and an accepted change cannot fail half-way.
+        with self._lock.write():
+            if self._merged:
+                bad = kernels.count_nonfinite_remerged(self._W, self._A, self._B, A, B,
+                                                       self._scaling)
+                if bad:
+                    raise LoraNonFiniteError(
+                        f"the new factor would leave {bad} of {self._W.size} elements of the "
+                        "merged weight NaN or infinite; W, lora_a and lora_b are unchanged"
+                    )
+                kernels.unmerge(self._W, self._A, self._B, self._scaling)
+                kernels.merge(self._W, A, B, self._scaling)
+            self._A = A
+            self._B = B
 
     @property
     def trainable_params(self):
@@ -198,28 +221,29 @@ class LoraLinear(FrozenWeight):
 
     def enable(self):
         """Let the low-rank update take part in the output again."""
-        self._enabled = True
+        with self._lock.write():
+            self._enabled = True
 
     def disable(self):
         """Compute ``W_base x`` only, whether merged or not."""
-        self._enabled = False
+        with self._lock.write():
+            self._enabled = False
 
     def merge(self, *, check_finite=False):
         """Add the update into W in place: ``W += scaling * B @ A``.
 
         Afterwards the forward pass is a single dense product.  No W-sized
-        temporary is made.
+        temporary is made.  The arithmetic is :func:`numba_lora.kernels.merge`'s:
+        a fixed order per element, so the merged W is the same bits whatever
+        the thread count, and equals PEFT's ``merge_and_unload()`` in float32.
 
         Parameters
         ----------
         check_finite : bool, optional
-            First test, without writing, whether any element of the merged W
-            would be NaN or infinite (elements already non-finite in W count
-            too, and so do elements within a relative 2**-10 of the dtype's
-            overflow threshold, where rounding decides); if so, raise and
-            leave W bit-identical.  Costs one extra read of W and the delta's
-            arithmetic in float64 (see
-            :func:`numba_lora.kernels.count_nonfinite_merged`).
+            First compute, without writing, every merged element exactly as
+            the merge will (:func:`numba_lora.kernels.count_nonfinite_merged`);
+            if any would be NaN or infinite, raise and leave W bit-identical.
+            Costs about one more merge's time.
 
         Raises
         ------
@@ -229,19 +253,21 @@ class LoraLinear(FrozenWeight):
             With ``check_finite=True``, if the merge would produce NaN or
             infinity.  W is untouched.
         """
-        if self._merged:
-            raise LoraStateError("cannot merge: the layer is already merged; call unmerge() first")
-        if check_finite:
-            self._check_merge_finite()
-        kernels.merge(self._W, self._A, self._B, self._scaling)
-        self._merged = True
+        with self._lock.write():
+            if self._merged:
+                raise LoraStateError(
+                    "cannot merge: the layer is already merged; call unmerge() first")
+            if check_finite:
+                self._check_merge_finite()
+            kernels.merge(self._W, self._A, self._B, self._scaling)
+            self._merged = True
 
     def _check_merge_finite(self, label="merge"):
         bad = kernels.count_nonfinite_merged(self._W, self._A, self._B, self._scaling)
         if bad:
             raise LoraNonFiniteError(
-                f"{label} would leave {bad} of {self._W.size} weight elements NaN, "
-                "infinite or at the edge of overflow; W was left unchanged"
+                f"{label} would leave {bad} of {self._W.size} weight elements NaN or "
+                "infinite; W was left unchanged"
             )
 
     def unmerge(self):
@@ -256,10 +282,11 @@ class LoraLinear(FrozenWeight):
         LoraStateError
             If the layer is not merged.
         """
-        if not self._merged:
-            raise LoraStateError("cannot unmerge: the layer is not merged")
-        kernels.unmerge(self._W, self._A, self._B, self._scaling)
-        self._merged = False
+        with self._lock.write():
+            if not self._merged:
+                raise LoraStateError("cannot unmerge: the layer is not merged")
+            kernels.unmerge(self._W, self._A, self._B, self._scaling)
+            self._merged = False
 
     def _kernel_scaling(self):
         """The scaling the kernels apply on top of the current W."""
@@ -289,8 +316,9 @@ class LoraLinear(FrozenWeight):
         """
         x = self._as_input(x, "x")
         check_shape(x, (self.in_features,), "x", ("in_features",))
-        out = self._output((self.out_features,), out, x)
-        return kernels.forward(self._W, self._A, self._B, self._kernel_scaling(), x, out)
+        with self._lock.read():
+            out = self._output((self.out_features,), out, x)
+            return kernels.forward(self._W, self._A, self._B, self._kernel_scaling(), x, out)
 
     def forward_batch(self, X, out=None):
         """Apply the layer to each row of a batch.
@@ -309,8 +337,10 @@ class LoraLinear(FrozenWeight):
         """
         X = self._as_input(X, "X")
         check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
-        out = self._output((X.shape[0], self.out_features), out, X)
-        return kernels.forward_batch(self._W, self._A, self._B, self._kernel_scaling(), X, out)
+        with self._lock.read():
+            out = self._output((X.shape[0], self.out_features), out, X)
+            return kernels.forward_batch(self._W, self._A, self._B, self._kernel_scaling(),
+                                         X, out)
 
     def __call__(self, x, out=None):
         """Apply the layer to ``x`` of shape (..., in_features).
@@ -339,18 +369,30 @@ class LoraLinear(FrozenWeight):
 
     # ------------------------------------------------------------- utilities
     def copy(self):
-        """An independent copy: arrays, merge state and enabled state."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._W = self._W.copy()
-        new._A = self._A.copy()
-        new._B = self._B.copy()
+        """An independent copy: its own arrays and lock, the same merge and enabled state."""
+        with self._lock.read():
+            new = object.__new__(type(self))
+            new.__dict__.update(self.__dict__)
+            new._W = self._W.copy()
+            new._A = self._A.copy()
+            new._B = self._B.copy()
+        new._lock = RWLock()
         return new
 
     __copy__ = copy
 
     def __deepcopy__(self, memo):
         return self.copy()
+
+    def __getstate__(self):
+        with self._lock.read():  # a snapshot no state change can tear
+            state = dict(self.__dict__, _W=self._W.copy(), _A=self._A.copy(), _B=self._B.copy())
+        del state["_lock"]  # a lock belongs to one process: the copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = RWLock()
 
     def __repr__(self):
         return (
