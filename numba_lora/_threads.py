@@ -2,6 +2,7 @@
 
 import numba
 
+from ._validate import check_thread_count
 from .kernels._blas import blas_threads, set_blas_threads
 
 __all__ = ["set_num_threads", "get_num_threads"]
@@ -27,11 +28,7 @@ def set_num_threads(n):
     int
         The previous Numba thread count.
     """
-    n = int(n)
-    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(
-            f"n must be between 1 and NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}, got {n}"
-        )
+    n = check_thread_count(n, numba.config.NUMBA_NUM_THREADS)
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
     set_blas_threads(n)

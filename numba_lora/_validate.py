@@ -187,6 +187,33 @@ def check_out(out, expected, dtype, inputs):
     return out
 
 
+def as_rng(seed):
+    """``numpy.random.default_rng(seed)``, with its refusals as numba_lora errors."""
+    try:
+        return np.random.default_rng(seed)
+    except TypeError as exc:
+        raise LoraTypeError(
+            f"seed must be None, an int, a SeedSequence or a Generator, got "
+            f"{type(seed).__name__} {seed!r}: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise LoraConfigError(f"seed {seed!r} is out of range: {exc}") from None
+
+
+def check_thread_count(n, limit):
+    """Return ``n`` as an int in ``[1, limit]``, or raise a LoraError naming it."""
+    if isinstance(n, (bool, np.bool_)):
+        raise LoraTypeError(f"n must be an integer thread count, got {n!r}")
+    try:
+        value = operator.index(n)
+    except TypeError:
+        raise LoraTypeError(
+            f"n must be an integer thread count, got {type(n).__name__} {n!r}") from None
+    if not 1 <= value <= limit:
+        raise LoraConfigError(f"n must be between 1 and NUMBA_NUM_THREADS={limit}, got {value}")
+    return value
+
+
 def check_scaling(scaling, dtype, what="scaling"):
     """Return ``scaling`` as a float if it is finite in ``dtype``, else raise LoraConfigError.
 
@@ -195,7 +222,8 @@ def check_scaling(scaling, dtype, what="scaling"):
     output NaN, so it is a configuration error, not a numerical accident.
     """
     value = float(scaling)
-    rounded = np.dtype(dtype).type(value)
+    with np.errstate(over="ignore"):
+        rounded = np.dtype(dtype).type(value)
     if not (math.isfinite(value) and np.isfinite(rounded)):
         raise LoraConfigError(
             f"{what} = {value!r} is not finite in {np.dtype(dtype)} "

@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ._validate import as_array
 from .config import LoraConfig
 from .errors import LoraConfigError, LoraKeyError, LoraTypeError
@@ -91,7 +89,7 @@ class LoraAdapter:
         if self.config.fan_in_fan_out:
             weight = weight.T
         layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
-                           seed=_as_rng(seed), use_rslora=self.config.use_rslora)
+                           seed=seed, use_rslora=self.config.use_rslora)
         self._layers[name] = layer
         return layer
 
@@ -280,19 +278,3 @@ class LoraAdapter:
         return (f"{type(self).__name__}({len(self)} layers, rank={c.rank}, alpha={c.alpha:g}, "
                 f"use_rslora={c.use_rslora})")
 
-
-def _as_rng(seed):
-    """``numpy.random.default_rng(seed)``, with its refusals as numba_lora errors.
-
-    The Generator is handed to :class:`LoraLinear`, which passes it through
-    ``default_rng`` unchanged: the same numbers as the seed itself.
-    """
-    try:
-        return np.random.default_rng(seed)
-    except TypeError as exc:
-        raise LoraTypeError(
-            f"seed must be None, an int, a SeedSequence or a Generator, got "
-            f"{type(seed).__name__} {seed!r}: {exc}"
-        ) from None
-    except ValueError as exc:
-        raise LoraConfigError(f"seed {seed!r} is out of range: {exc}") from None

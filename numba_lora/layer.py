@@ -14,6 +14,7 @@ from ._lock import RWLock
 from ._validate import (
     as_factor,
     as_real_array,
+    as_rng,
     as_weight,
     check_alpha,
     check_out,
@@ -90,7 +91,7 @@ class LoraLinear(FrozenWeight):
                 f"rank must be <= min(out_features, in_features) = "
                 f"{min(out_features, in_features)} for weight of shape {W.shape}, got {rank}"
             )
-        rng = np.random.default_rng(seed)
+        rng = as_rng(seed)
         bound = 1.0 / math.sqrt(in_features)
         # Drawn in float64 and rounded once, so float32 and float64 layers
         # with the same seed start from the same numbers.
