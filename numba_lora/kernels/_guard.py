@@ -147,3 +147,92 @@ def prefetch(typingctx, address):
         return context.get_dummy_value()
 
     return types.void(address), codegen
+
+
+#: Rows of the register block of :func:`fma_block4`.
+BLOCK_ROWS = 4
+
+
+def block_lanes(dtype):
+    """Columns one :func:`fma_block4` call covers: 64 bytes of ``dtype``."""
+    return 64 // dtype.bitwidth * 8
+
+
+@intrinsic
+def fma_block4(typingctx, A, B, i0, j0, k0, k1, start, acc, col):
+    """A 4-row register block of fused multiply-add chains (the merge's inner kernel).
+
+    For r in 0..3 and c in 0..L-1 (L = 64 bytes of the dtype: 16 float32 or
+    8 float64)::
+
+        p = start
+        for k in range(k0, k1):
+            p = fma(B[i0 + r, k], A[k, j0 + c], p)
+        acc[r, col + c] = p
+
+    which is exactly the scalar chain, each step rounded once, with the four
+    rows' partial sums held in vector registers for the whole loop over k
+    (one load of A per four fused multiply-adds).  The caller guarantees
+    ``i0 + 4 <= B.shape[0]``, ``j0 + L <= A.shape[1]``, ``0 <= k0 <= k1 <=
+    A.shape[0] == B.shape[1]``, ``col + L <= acc.shape[1]`` and
+    ``acc.shape[0] >= 4``, all arrays C-contiguous of one dtype: nothing here
+    checks bounds.
+    """
+    arrays = (A, B, acc)
+    if not all(isinstance(a, types.Array) and a.ndim == 2 for a in arrays):
+        return None
+    dtype = A.dtype
+    if dtype not in (types.float32, types.float64) or B.dtype != dtype or acc.dtype != dtype:
+        return None
+    lanes = block_lanes(dtype)
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        A_, B_, i0_, j0_, k0_, k1_, start_, acc_, col_ = args
+        a = context.make_array(A)(context, builder, A_)
+        b = context.make_array(B)(context, builder, B_)
+        c = context.make_array(acc)(context, builder, acc_)
+        i64 = ir.IntType(64)
+        lda = builder.extract_value(a.shape, 1)
+        ldb = builder.extract_value(b.shape, 1)
+        ldc = builder.extract_value(c.shape, 1)
+        scalar = context.get_value_type(dtype)
+        vec = ir.VectorType(scalar, lanes)
+        vecp = vec.as_pointer()
+        suffix = "f32" if dtype == types.float32 else "f64"
+        fma_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{lanes}{suffix}")
+        undef = ir.Constant(vec, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+
+        def splat(value):
+            return builder.shuffle_vector(builder.insert_element(undef, value, ir.IntType(32)(0)),
+                                         undef, zeros)
+
+        accs = [cgutils.alloca_once(builder, vec) for _ in range(BLOCK_ROWS)]
+        first = splat(builder.fpext(start_, scalar) if start_.type != scalar else start_)
+        for slot in accs:
+            builder.store(first, slot)
+        i0v = builder.sext(i0_, i64) if i0_.type != i64 else i0_
+        j0v = builder.sext(j0_, i64) if j0_.type != i64 else j0_
+        k0v = builder.sext(k0_, i64) if k0_.type != i64 else k0_
+        k1v = builder.sext(k1_, i64) if k1_.type != i64 else k1_
+        count = builder.sub(k1v, k0v)
+        with cgutils.for_range(builder, count) as loop:
+            k = builder.add(loop.index, k0v)
+            a_ptr = builder.gep(a.data, [builder.add(builder.mul(k, lda), j0v)])
+            a_vec = builder.load(builder.bitcast(a_ptr, vecp), align=1)
+            for r, slot in enumerate(accs):
+                row = builder.add(i0v, ir.Constant(i64, r))
+                b_val = builder.load(builder.gep(b.data, [builder.add(builder.mul(row, ldb), k)]))
+                builder.store(builder.call(fma_fn, [splat(b_val), a_vec, builder.load(slot)]), slot)
+        colv = builder.sext(col_, i64) if col_.type != i64 else col_
+        for r, slot in enumerate(accs):
+            offset = builder.add(builder.mul(ir.Constant(i64, r), ldc), colv)
+            out_ptr = builder.bitcast(builder.gep(c.data, [offset]), vecp)
+            builder.store(builder.load(slot), out_ptr, align=1)
+        return context.get_dummy_value()
+
+    sig = types.void(A, B, i0, j0, k0, k1, start, acc, col)
+    return sig, codegen

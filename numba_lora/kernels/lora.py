@@ -12,7 +12,7 @@ from numba import njit, prange
 from .._config import EXACT_OPTIONS, JIT_OPTIONS
 from ..errors import LoraShapeError
 from ._blas import gemm_nt, gemv_n
-from ._guard import fma, guarded, prefetch
+from ._guard import BLOCK_ROWS, fma, fma_block4, guarded, prefetch
 
 __all__ = [
     "forward",
@@ -217,27 +217,80 @@ def _delta_tile(A, B, i, j0, width, acc, part):
 
 
 @njit(**EXACT_OPTIONS)
-def _update_rows(W, A, B, s, r0, r1, mode, acc, part):
+def _block_chain(A, B, i0, j0, width, k0, k1, start, acc):
+    """:func:`_chain` for the four rows i0..i0+3 at once, into ``acc[r, :width]``.
+
+    Whole groups of 64 bytes of columns go through :func:`fma_block4` (the
+    four rows' sums stay in vector registers over the whole k range); the
+    last columns through :func:`_chain`, row by row.  Same arithmetic either way.
+    """
+    lanes = 64 // acc.itemsize
+    main = width - width % lanes
+    for c in range(0, main, lanes):
+        fma_block4(A, B, i0, j0 + c, k0, k1, start, acc, c)
+    if main < width:
+        for r in range(BLOCK_ROWS):
+            _chain(A, B, i0 + r, j0 + main, width - main, k0, k1, start, acc[r, main:])
+
+
+@njit(**EXACT_OPTIONS)
+def _rows_delta(A, B, i0, rows, j0, width, acc, part):
+    """``acc[r, :width] = (B @ A)[i0 + r, j0:j0+width]`` for r < rows, in :func:`_delta_tile`'s order."""
+    if rows < BLOCK_ROWS:
+        for r in range(rows):
+            _delta_tile(A, B, i0 + r, j0, width, acc[r], part[r])
+        return
+    rank = A.shape[0]
+    zero = acc.dtype.type(0)
+    if rank == 1:
+        _block_chain(A, B, i0, j0, width, 0, 1, -zero, acc)
+    elif rank <= CHAIN_MAX_RANK:
+        _block_chain(A, B, i0, j0, width, 0, rank, zero, acc)
+    else:
+        block = min(CHAIN_MAX_RANK, rank // 2)
+        _block_chain(A, B, i0, j0, width, 0, block, zero, acc)
+        for k0 in range(block, rank, block):
+            _block_chain(A, B, i0, j0, width, k0, min(rank, k0 + block), zero, part)
+            for r in range(BLOCK_ROWS):
+                for j in range(width):
+                    acc[r, j] = acc[r, j] + part[r, j]
+
+
+@njit(**EXACT_OPTIONS)
+def _scratch(W):
+    """Accumulator and block-sum scratch for :func:`_rows_delta`: (BLOCK_ROWS, tile) each."""
+    width = min(COL_TILE, W.shape[1])
+    return (np.empty((BLOCK_ROWS, width), dtype=W.dtype),
+            np.empty((BLOCK_ROWS, width), dtype=W.dtype))
+
+
+@njit(**EXACT_OPTIONS)
+def _update_rows(W, A, B, s, r0, r1, mode):
     """Rows r0..r1-1 of W: ``W = W + delta`` (or ``- delta``), ``delta = (B @ A) * s`` rounded."""
     in_features = W.shape[1]
     itemsize = W.itemsize
     base = W.ctypes.data
-    for i in range(r0, r1):
+    acc, part = _scratch(W)
+    for i0 in range(r0, r1, BLOCK_ROWS):
+        rows = min(BLOCK_ROWS, r1 - i0)
         for j0 in range(0, in_features, COL_TILE):
             width = min(COL_TILE, in_features - j0)
-            # Ask for the W tile now, so that memory delivers it while the
-            # delta is computed instead of after (it is only a hint).
-            start = base + (i * in_features + j0) * itemsize
-            for offset in range(0, width * itemsize, 64):
-                prefetch(start + offset)
-            _delta_tile(A, B, i, j0, width, acc, part)
-            w = W[i, j0:j0 + width]
-            if mode == _SUBTRACT:
-                for j in range(width):
-                    w[j] = w[j] - acc[j] * s
-            else:
-                for j in range(width):
-                    w[j] = w[j] + acc[j] * s
+            # Ask for the W tiles now, so that memory delivers them while
+            # the deltas are computed instead of after (only a hint).
+            for r in range(rows):
+                start = ((i0 + r) * in_features + j0) * itemsize
+                for offset in range(start, start + width * itemsize, 64):
+                    prefetch(base + offset)
+            _rows_delta(A, B, i0, rows, j0, width, acc, part)
+            for r in range(rows):
+                w = W[i0 + r, j0:j0 + width]
+                d = acc[r]
+                if mode == _SUBTRACT:
+                    for j in range(width):
+                        w[j] = w[j] - d[j] * s
+                else:
+                    for j in range(width):
+                        w[j] = w[j] + d[j] * s
 
 
 @njit(**EXACT_OPTIONS)
@@ -249,10 +302,7 @@ def _n_blocks(W):
 def _update_parallel(W, A, B, s, mode):
     n = _n_blocks(W)
     for ib in prange(n):
-        acc = np.empty(min(COL_TILE, W.shape[1]), dtype=W.dtype)
-        part = np.empty_like(acc)
-        _update_rows(W, A, B, s, ib * ROW_BLOCK, min(W.shape[0], (ib + 1) * ROW_BLOCK),
-                     mode, acc, part)
+        _update_rows(W, A, B, s, ib * ROW_BLOCK, min(W.shape[0], (ib + 1) * ROW_BLOCK), mode)
 
 
 @njit(**EXACT_OPTIONS)
@@ -263,8 +313,7 @@ def _merge(W, A, B, scaling, mode, parallel):
     if parallel:
         _update_parallel(W, A, B, s, mode)
     else:
-        acc = np.empty(min(COL_TILE, W.shape[1]), dtype=W.dtype)
-        _update_rows(W, A, B, s, 0, W.shape[0], mode, acc, np.empty_like(acc))
+        _update_rows(W, A, B, s, 0, W.shape[0], mode)
 
 
 @njit(**EXACT_OPTIONS)
@@ -360,7 +409,7 @@ def unmerge_serial(W, A, B, scaling):
 
 # ------------------------------------------------------------- finiteness
 @njit(**EXACT_OPTIONS)
-def _count_rows(W, A0, B0, A1, B1, s, r0, r1, replace, acc0, acc1, part, limit):
+def _count_rows(W, A0, B0, A1, B1, s, r0, r1, replace, limit):
     """Elements of rows r0..r1-1 whose merged value would not be finite.
 
     The value is computed exactly as the merge computes it: ``W + delta1``,
@@ -368,22 +417,26 @@ def _count_rows(W, A0, B0, A1, B1, s, r0, r1, replace, acc0, acc1, part, limit):
     followed by a merge of (A1, B1)).  Nothing is written.
     """
     in_features = W.shape[1]
+    acc0, part = _scratch(W)
+    acc1, _ = _scratch(W)
     count = 0
-    for i in range(r0, r1):
+    for i0 in range(r0, r1, BLOCK_ROWS):
+        rows = min(BLOCK_ROWS, r1 - i0)
         for j0 in range(0, in_features, COL_TILE):
             width = min(COL_TILE, in_features - j0)
-            _delta_tile(A1, B1, i, j0, width, acc1, part)
+            _rows_delta(A1, B1, i0, rows, j0, width, acc1, part)
             if replace:
-                _delta_tile(A0, B0, i, j0, width, acc0, part)
-            w = W[i, j0:j0 + width]
-            for j in range(width):
-                value = w[j]
-                if replace:
-                    value = value - acc0[j] * s
-                value = value + acc1[j] * s
-                # Written so that NaN fails the test too.
-                if not (abs(value) <= limit):
-                    count += 1
+                _rows_delta(A0, B0, i0, rows, j0, width, acc0, part)
+            for r in range(rows):
+                w = W[i0 + r, j0:j0 + width]
+                for j in range(width):
+                    value = w[j]
+                    if replace:
+                        value = value - acc0[r, j] * s
+                    value = value + acc1[r, j] * s
+                    # Written so that NaN fails the test too.
+                    if not (abs(value) <= limit):
+                        count += 1
     return count
 
 
@@ -392,15 +445,10 @@ def _count_parallel(W, A0, B0, A1, B1, scaling, replace):
     s = W.dtype.type(scaling)
     limit = W.dtype.type(np.finfo(W.dtype).max)
     n = _n_blocks(W)
-    width = min(COL_TILE, W.shape[1])
     count = 0
     for ib in prange(n):
-        acc0 = np.empty(width, dtype=W.dtype)
-        acc1 = np.empty(width, dtype=W.dtype)
-        part = np.empty(width, dtype=W.dtype)
         count += _count_rows(W, A0, B0, A1, B1, s, ib * ROW_BLOCK,
-                             min(W.shape[0], (ib + 1) * ROW_BLOCK), replace, acc0, acc1, part,
-                             limit)
+                             min(W.shape[0], (ib + 1) * ROW_BLOCK), replace, limit)
     return count
 
 

@@ -155,7 +155,7 @@ def test_merge_is_the_fused_multiply_add_chain(dtype, rng):
     # Bit for bit: p = fma(B[i,k], A[k,j], p) over k from +0, then
     # delta = p * s (s rounded once to the dtype), then W + delta.
     for out_features, in_features, rank in ((7, 13, 1), (5, 9, 4), (6, 11, 7), (3, 1030, 9),
-                                            (3, 5, 193), (2, 4, 400)):
+                                            (3, 5, 193), (2, 4, 400), (5, 37, 200)):
         W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
         W[0, :3] = [-0.0, 0.0, -0.0]
         B[0] = 0.0  # a zero delta: the sign of zero must follow from p = +0
