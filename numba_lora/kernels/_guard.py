@@ -151,19 +151,24 @@ def prefetch(typingctx, address):
 
 #: Rows of the register block of :func:`fma_block4`.
 BLOCK_ROWS = 4
+#: Bytes of columns one :func:`fma_block4` call covers: two 64-byte vectors
+#: per row, eight independent chains in flight (an FMA's latency is about
+#: four of its issue slots).
+BLOCK_BYTES = 128
+_VECTOR_BYTES = 64
 
 
 def block_lanes(dtype):
-    """Columns one :func:`fma_block4` call covers: 64 bytes of ``dtype``."""
-    return 64 // dtype.bitwidth * 8
+    """Elements of ``dtype`` in one 64-byte vector."""
+    return _VECTOR_BYTES // (dtype.bitwidth // 8)
 
 
 @intrinsic
 def fma_block4(typingctx, A, B, i0, j0, k0, k1, start, acc, col):
     """A 4-row register block of fused multiply-add chains (the merge's inner kernel).
 
-    For r in 0..3 and c in 0..L-1 (L = 64 bytes of the dtype: 16 float32 or
-    8 float64)::
+    For r in 0..3 and c in 0..L-1 (L = BLOCK_BYTES of the dtype: 32 float32
+    or 16 float64)::
 
         p = start
         for k in range(k0, k1):
@@ -172,7 +177,7 @@ def fma_block4(typingctx, A, B, i0, j0, k0, k1, start, acc, col):
 
     which is exactly the scalar chain, each step rounded once, with the four
     rows' partial sums held in vector registers for the whole loop over k
-    (one load of A per four fused multiply-adds).  The caller guarantees
+    (each load of A serves four fused multiply-adds).  The caller guarantees
     ``i0 + 4 <= B.shape[0]``, ``j0 + L <= A.shape[1]``, ``0 <= k0 <= k1 <=
     A.shape[0] == B.shape[1]``, ``col + L <= acc.shape[1]`` and
     ``acc.shape[0] >= 4``, all arrays C-contiguous of one dtype: nothing here
@@ -210,10 +215,13 @@ def fma_block4(typingctx, A, B, i0, j0, k0, k1, start, acc, col):
             return builder.shuffle_vector(builder.insert_element(undef, value, ir.IntType(32)(0)),
                                          undef, zeros)
 
-        accs = [cgutils.alloca_once(builder, vec) for _ in range(BLOCK_ROWS)]
+        nvec = BLOCK_BYTES // _VECTOR_BYTES
+        accs = [[cgutils.alloca_once(builder, vec) for _ in range(nvec)]
+                for _ in range(BLOCK_ROWS)]
         first = splat(builder.fpext(start_, scalar) if start_.type != scalar else start_)
-        for slot in accs:
-            builder.store(first, slot)
+        for row_slots in accs:
+            for slot in row_slots:
+                builder.store(first, slot)
         i0v = builder.sext(i0_, i64) if i0_.type != i64 else i0_
         j0v = builder.sext(j0_, i64) if j0_.type != i64 else j0_
         k0v = builder.sext(k0_, i64) if k0_.type != i64 else k0_
@@ -221,17 +229,23 @@ def fma_block4(typingctx, A, B, i0, j0, k0, k1, start, acc, col):
         count = builder.sub(k1v, k0v)
         with cgutils.for_range(builder, count) as loop:
             k = builder.add(loop.index, k0v)
-            a_ptr = builder.gep(a.data, [builder.add(builder.mul(k, lda), j0v)])
-            a_vec = builder.load(builder.bitcast(a_ptr, vecp), align=1)
-            for r, slot in enumerate(accs):
+            a_row = builder.add(builder.mul(k, lda), j0v)
+            a_vecs = [builder.load(builder.bitcast(
+                builder.gep(a.data, [builder.add(a_row, ir.Constant(i64, v * lanes))]), vecp),
+                align=1) for v in range(nvec)]
+            for r, row_slots in enumerate(accs):
                 row = builder.add(i0v, ir.Constant(i64, r))
-                b_val = builder.load(builder.gep(b.data, [builder.add(builder.mul(row, ldb), k)]))
-                builder.store(builder.call(fma_fn, [splat(b_val), a_vec, builder.load(slot)]), slot)
+                b_val = splat(builder.load(
+                    builder.gep(b.data, [builder.add(builder.mul(row, ldb), k)])))
+                for a_vec, slot in zip(a_vecs, row_slots):
+                    builder.store(builder.call(fma_fn, [b_val, a_vec, builder.load(slot)]), slot)
         colv = builder.sext(col_, i64) if col_.type != i64 else col_
-        for r, slot in enumerate(accs):
-            offset = builder.add(builder.mul(ir.Constant(i64, r), ldc), colv)
-            out_ptr = builder.bitcast(builder.gep(c.data, [offset]), vecp)
-            builder.store(builder.load(slot), out_ptr, align=1)
+        for r, row_slots in enumerate(accs):
+            for v, slot in enumerate(row_slots):
+                offset = builder.add(builder.mul(ir.Constant(i64, r), ldc),
+                                     builder.add(colv, ir.Constant(i64, v * lanes)))
+                out_ptr = builder.bitcast(builder.gep(c.data, [offset]), vecp)
+                builder.store(builder.load(slot), out_ptr, align=1)
         return context.get_dummy_value()
 
     sig = types.void(A, B, i0, j0, k0, k1, start, acc, col)

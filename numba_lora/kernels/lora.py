@@ -12,7 +12,7 @@ from numba import njit, prange
 from .._config import EXACT_OPTIONS, JIT_OPTIONS
 from ..errors import LoraShapeError
 from ._blas import gemm_nt, gemv_n
-from ._guard import BLOCK_ROWS, fma, fma_block4, guarded, prefetch
+from ._guard import BLOCK_BYTES, BLOCK_ROWS, fma, fma_block4, guarded, prefetch
 
 __all__ = [
     "forward",
@@ -220,11 +220,11 @@ def _delta_tile(A, B, i, j0, width, acc, part):
 def _block_chain(A, B, i0, j0, width, k0, k1, start, acc):
     """:func:`_chain` for the four rows i0..i0+3 at once, into ``acc[r, :width]``.
 
-    Whole groups of 64 bytes of columns go through :func:`fma_block4` (the
+    Whole groups of BLOCK_BYTES of columns go through :func:`fma_block4` (the
     four rows' sums stay in vector registers over the whole k range); the
     last columns through :func:`_chain`, row by row.  Same arithmetic either way.
     """
-    lanes = 64 // acc.itemsize
+    lanes = BLOCK_BYTES // acc.itemsize
     main = width - width % lanes
     for c in range(0, main, lanes):
         fma_block4(A, B, i0, j0 + c, k0, k1, start, acc, c)
