@@ -81,6 +81,9 @@ def install_locator():
         def get_disambiguator(self):
             return self._inner.get_disambiguator()
 
+        def __getattr__(self, name):  # _py_file, _lineno, ... as Numba reads them
+            return getattr(self._inner, name)
+
         @classmethod
         def from_function(cls, py_func, py_file):
             if not _inside_kernels(py_file):
