@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from numba import njit, prange
 
 import reference as ref
-from numba_lora import LoraShapeError, kernels
+from numba_lora import LoraDtypeError, LoraShapeError, kernels
 
 
 # --------------------------------------------------------------------------
@@ -341,3 +341,41 @@ def test_kernels_reject_inconsistent_shapes(call, rng):
     with pytest.raises(LoraShapeError):
         call(W, A, B)
     ref.assert_bitwise_equal(W, before)
+
+
+@njit
+def user_count_remerged(W, A, B, A2, B2, scaling):
+    return kernels.count_nonfinite_remerged(W, A, B, A2, B2, scaling)
+
+
+@njit
+def user_group_rows(ids, n):
+    return kernels.group_rows(ids, n)
+
+
+def test_count_remerged_and_group_rows_from_user_njit(dtype, rng):
+    W, A, B = ref.random_lora(rng, 9, 6, 2, dtype)
+    A2 = A.copy()
+    A2[1, 3] = np.finfo(dtype).max
+    B2 = np.ones_like(B)
+    assert user_count_remerged(W, A, B, A, B, 0.5) == 0
+    assert user_count_remerged(W, A, B, A2, B2, 4.0) == 9
+    order, starts = user_group_rows(np.array([1, -1, 0, 1], np.int64), 2)
+    assert order.tolist() == [2, 0, 3] and starts.tolist() == [0, 1, 3]
+
+
+@njit
+def user_forward_mixed(W, A, B, x):
+    out = np.empty(W.shape[0], dtype=np.float32)
+    return kernels.forward(W, A, B, 1.0, x, out)
+
+
+def test_wrong_types_from_user_njit_raise_when_run(rng):
+    # The guard compiles inside the user's function too: a clear error when
+    # it runs, never a read past an array.
+    W, A, B = ref.random_lora(rng, 5, 4, 2, np.float64)
+    with pytest.raises(LoraDtypeError, match="out float32"):
+        user_forward_mixed(W, A, B, np.ones(4))
+    with pytest.raises(LoraShapeError, match="x must be 1-D"):
+        user_forward_mixed(W.astype(np.float32), A.astype(np.float32), B.astype(np.float32),
+                           np.ones((2, 4), np.float32))
