@@ -107,8 +107,12 @@ def as_array(value, name):
         ) from None
 
 
-def as_weight(weight):
-    """A C-contiguous copy of ``weight`` in its layer dtype, checked to be 2-D and non-empty."""
+def checked_weight(weight):
+    """(``weight`` as an array, the layer dtype it gets), checked to be 2-D and non-empty.
+
+    Nothing is copied yet: callers check what depends on the shape (the rank)
+    before they allocate.
+    """
     array = as_array(weight, "weight")
     dtype = weight_dtype(array.dtype)
     if array.ndim != 2:
@@ -120,7 +124,26 @@ def as_weight(weight):
         raise LoraShapeError(
             f"weight must have out_features >= 1 and in_features >= 1, got shape {array.shape}"
         )
-    return np.array(array, dtype=dtype, order="C", copy=True)
+    return array, dtype
+
+
+def as_weight(weight, extra_rows=0):
+    """A C-contiguous copy of ``weight`` in its layer dtype, checked to be 2-D and non-empty.
+
+    With ``extra_rows``, the copy is the top of a C-contiguous buffer with that
+    many more (uninitialised) rows below it, for a layer that stacks its A
+    under W; the weight is converted straight into it, with no second copy.
+    ``weight`` may also be the ``(array, dtype)`` pair :func:`checked_weight`
+    returned.
+    """
+    if isinstance(weight, tuple) and len(weight) == 2 and isinstance(weight[0], np.ndarray):
+        array, dtype = weight
+    else:
+        array, dtype = checked_weight(weight)
+    out_features, in_features = array.shape
+    buffer = np.empty((out_features + extra_rows, in_features), dtype=dtype)
+    buffer[:out_features] = array
+    return buffer
 
 
 def as_real_array(value, name, dtype):

@@ -16,6 +16,7 @@ from ._validate import (
     as_real_array,
     as_rng,
     as_weight,
+    checked_weight,
     check_alpha,
     check_out,
     check_rank,
@@ -25,6 +26,11 @@ from ._validate import (
 from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraStateError
 
 __all__ = ["LoraLinear"]
+
+#: Batches of at most this many rows go through kernels.forward_batch_stacked
+#: (one pass over [W; A]); larger ones through kernels.forward_batch, where
+#: the product is bound by arithmetic, not by reading W.
+STACKED_MAX_ROWS = 8
 
 
 class LoraLinear(FrozenWeight):
@@ -84,29 +90,38 @@ class LoraLinear(FrozenWeight):
     def __init__(self, weight, rank, alpha, *, seed=None, use_rslora=False):
         rank = check_rank(rank)
         alpha = check_alpha(alpha)
-        W = as_weight(weight)
-        out_features, in_features = W.shape
+        checked = checked_weight(weight)
+        out_features, in_features = checked[0].shape
         if rank > min(out_features, in_features):
             raise LoraConfigError(
                 f"rank must be <= min(out_features, in_features) = "
-                f"{min(out_features, in_features)} for weight of shape {W.shape}, got {rank}"
+                f"{min(out_features, in_features)} for weight of shape "
+                f"{(out_features, in_features)}, got {rank}"
             )
         rng = as_rng(seed)
+        # W and A are row blocks of one C-contiguous buffer, so that one
+        # matrix-vector product over [W; A] reads both in a single pass
+        # (kernels.forward_stacked); self._W and self._A are views of it.
+        WA = as_weight(checked, extra_rows=rank)
         bound = 1.0 / math.sqrt(in_features)
         # Drawn in float64 and rounded once, so float32 and float64 layers
         # with the same seed start from the same numbers.
-        A = rng.uniform(-bound, bound, size=(rank, in_features)).astype(W.dtype)
-        self._W = W
-        self._A = A
-        self._B = np.zeros((out_features, rank), dtype=W.dtype)
+        WA[out_features:] = rng.uniform(-bound, bound, size=(rank, in_features))
+        self._set_buffer(WA, out_features)
+        self._B = np.zeros((out_features, rank), dtype=WA.dtype)
         self._rank = rank
         self._alpha = alpha
         self._use_rslora = bool(use_rslora)
         self._scaling = check_scaling(
-            alpha / (math.sqrt(rank) if self._use_rslora else rank), W.dtype)
+            alpha / (math.sqrt(rank) if self._use_rslora else rank), WA.dtype)
         self._merged = False
         self._enabled = True
         self._lock = RWLock()
+
+    def _set_buffer(self, WA, out_features):
+        self._WA = WA
+        self._W = WA[:out_features]
+        self._A = WA[out_features:]
 
     # ------------------------------------------------------------------ shape
     @property
@@ -191,7 +206,8 @@ class LoraLinear(FrozenWeight):
                     )
                 kernels.unmerge(self._W, self._A, self._B, self._scaling)
                 kernels.merge(self._W, A, B, self._scaling)
-            self._A = A
+            if A is not self._A:
+                self._A[...] = A  # in place: A stays stacked under W
             self._B = B
 
     @property
@@ -319,7 +335,7 @@ class LoraLinear(FrozenWeight):
         check_shape(x, (self.in_features,), "x", ("in_features",))
         with self._lock.read():
             out = self._output((self.out_features,), out, x)
-            return kernels.forward(self._W, self._A, self._B, self._kernel_scaling(), x, out)
+            return kernels.forward_stacked(self._WA, self._B, self._kernel_scaling(), x, out)
 
     def forward_batch(self, X, out=None):
         """Apply the layer to each row of a batch.
@@ -340,6 +356,9 @@ class LoraLinear(FrozenWeight):
         check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
         with self._lock.read():
             out = self._output((X.shape[0], self.out_features), out, X)
+            if X.shape[0] <= STACKED_MAX_ROWS:
+                return kernels.forward_batch_stacked(self._WA, self._B, self._kernel_scaling(),
+                                                     X, out)
             return kernels.forward_batch(self._W, self._A, self._B, self._kernel_scaling(),
                                          X, out)
 
@@ -366,7 +385,7 @@ class LoraLinear(FrozenWeight):
     def _output(self, shape, out, x):
         if out is None:
             return np.empty(shape, dtype=self.dtype)
-        return check_out(out, shape, self.dtype, (x, self._W, self._A, self._B))
+        return check_out(out, shape, self.dtype, (x, self._WA, self._B))
 
     # ------------------------------------------------------------- utilities
     def copy(self):
@@ -374,8 +393,7 @@ class LoraLinear(FrozenWeight):
         with self._lock.read():
             new = object.__new__(type(self))
             new.__dict__.update(self.__dict__)
-            new._W = self._W.copy()
-            new._A = self._A.copy()
+            new._set_buffer(self._WA.copy(), self.out_features)
             new._B = self._B.copy()
         new._lock = RWLock()
         return new
@@ -387,12 +405,19 @@ class LoraLinear(FrozenWeight):
 
     def __getstate__(self):
         with self._lock.read():  # a snapshot no state change can tear
-            state = dict(self.__dict__, _W=self._W.copy(), _A=self._A.copy(), _B=self._B.copy())
-        del state["_lock"]  # a lock belongs to one process: the copy gets its own
+            state = dict(self.__dict__, _WA=self._WA.copy(), _B=self._B.copy())
+        # Views would pickle as separate arrays: keep the one buffer.
+        for key in ("_lock", "_W", "_A"):  # a lock belongs to one process
+            del state[key]
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        if "_WA" not in state:  # pickled by numba_lora 0.1: W and A apart
+            state["_WA"] = np.vstack([state.pop("_W"), state.pop("_A")])
+        WA = state.pop("_WA")
         self.__dict__.update(state)
+        self._set_buffer(WA, WA.shape[0] - self._rank)
         self._lock = RWLock()
 
     def __repr__(self):

@@ -439,3 +439,45 @@ def test_repr(rng):
     for part in ("LoraLinear(", "out_features=12", "in_features=7", "rank=3", "alpha=6",
                  "scaling=2", "float32", "merged=False", "enabled=True"):
         assert part in text
+
+
+def _stacked(layer):
+    """A starts right where W ends: one C-contiguous buffer [W; A]."""
+    w, a = layer.weight, layer.lora_a
+    return w.ctypes.data + w.nbytes == a.ctypes.data and np.shares_memory(w.base, a.base)
+
+
+def test_w_and_a_share_one_buffer_for_one_pass_forwards(dtype, rng):
+    # Issue "decode speed": A is stacked under W, both C-contiguous views.
+    W = rng.standard_normal((40, 24)).astype(dtype)
+    layer = LoraLinear(W, 4, 8.0, seed=1)
+    layer.lora_b = rng.standard_normal((40, 4))
+    assert layer.weight.flags.c_contiguous and layer.lora_a.flags.c_contiguous
+    assert _stacked(layer)
+    for rows in (1, 2, 8, 9, 33):  # stacked kernels up to 8 rows, then the plain one
+        X = rng.standard_normal((rows, 24)).astype(dtype)
+        expected = ref.forward(W, layer.lora_a, layer.lora_b, layer.scaling, X)
+        ref.assert_close(layer.forward_batch(X), *expected, dtype)
+        ref.assert_close(layer.forward(X[0]), *ref.forward(W, layer.lora_a, layer.lora_b,
+                                                          layer.scaling, X[0]), dtype)
+    new_a = rng.standard_normal((4, 24))
+    layer.lora_a = new_a  # written into the shared buffer
+    assert _stacked(layer)
+    np.testing.assert_array_equal(layer.lora_a, new_a.astype(dtype))
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _stacked(other)
+        assert not np.shares_memory(other.weight, layer.weight)
+        ref.assert_bitwise_equal(other.weight, layer.weight)
+        ref.assert_bitwise_equal(other.lora_a, layer.lora_a)
+
+
+def test_unpickles_a_layer_stored_with_w_and_a_apart(dtype, rng):
+    layer = LoraLinear(rng.standard_normal((6, 5)).astype(dtype), 2, 4.0, seed=0)
+    state = layer.__getstate__()
+    WA = state.pop("_WA")
+    state["_W"], state["_A"] = WA[:6].copy(), WA[6:].copy()  # numba_lora 0.1's layout
+    old = object.__new__(LoraLinear)
+    old.__setstate__(state)
+    ref.assert_bitwise_equal(old.weight, layer.weight)
+    ref.assert_bitwise_equal(old.lora_a, layer.lora_a)
+    assert _stacked(old)

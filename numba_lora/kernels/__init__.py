@@ -82,6 +82,8 @@ from .lora import (  # noqa: E402
     count_nonfinite_remerged,
     forward,
     forward_batch,
+    forward_batch_stacked,
+    forward_stacked,
     merge,
     merge_serial,
     unmerge,
@@ -98,6 +100,8 @@ from .multi import (  # noqa: E402
 __all__ = [
     "forward",
     "forward_batch",
+    "forward_stacked",
+    "forward_batch_stacked",
     "merge",
     "unmerge",
     "merge_serial",
@@ -109,4 +113,25 @@ __all__ = [
     "forward_batch_multi_rows",
     "group_rows",
     "SEGMENTED_MIN_ROWS",
+]
+from .convert import (  # noqa: E402
+    merge_bf16,
+    merge_bf16_serial,
+    merge_f16,
+    merge_f16_serial,
+    round_bf16,
+    round_f16,
+    widen_bf16,
+    widen_f16,
+)
+
+__all__ += [
+    "merge_bf16",
+    "merge_bf16_serial",
+    "merge_f16",
+    "merge_f16_serial",
+    "widen_bf16",
+    "round_bf16",
+    "widen_f16",
+    "round_f16",
 ]

@@ -17,6 +17,8 @@ from ._guard import BLOCK_BYTES, BLOCK_ROWS, fma, fma_block4, guarded, prefetch
 __all__ = [
     "forward",
     "forward_batch",
+    "forward_stacked",
+    "forward_batch_stacked",
     "merge",
     "unmerge",
     "merge_serial",
@@ -151,6 +153,132 @@ def forward_batch(W, A, B, scaling, X, out):
         The same array as ``out``.
     """
     return _forward_batch_checked(W, A, B, scaling, X, out)
+
+
+# ------------------------------------------- forward over a stacked [W; A]
+@njit(**JIT_OPTIONS)
+def _check_stacked(WA, B):
+    rank = B.shape[1]
+    if rank < 0 or rank > WA.shape[0]:
+        raise LoraShapeError("WA must be (out_features + rank, in_features) with rank = B.shape[1]")
+    if B.shape[0] != WA.shape[0] - rank:
+        raise LoraShapeError("B must be (out_features, rank): B.shape[0] != WA.shape[0] - rank")
+    if not (WA.flags.c_contiguous and B.flags.c_contiguous):
+        raise LoraShapeError("WA and B must be C-contiguous")
+    return WA.shape[0] - rank, rank
+
+
+@njit(**JIT_OPTIONS)
+def _forward_stacked(WA, B, scaling, x, out):
+    out_features, rank = _check_stacked(WA, B)
+    if x.shape[0] != WA.shape[1] or out.shape[0] != out_features:
+        raise LoraShapeError("x must be (in_features,) and out (out_features,)")
+    if not (x.flags.c_contiguous and out.flags.c_contiguous):
+        raise LoraShapeError("x and out must be contiguous")
+    if scaling == 0 or rank == 0:
+        gemv_n(1.0, WA[:out_features], x, 0.0, out)
+        return out
+    # One pass over W and A together gives W x and A x; then out += s B t.
+    y = np.empty(WA.shape[0], dtype=out.dtype)
+    gemv_n(1.0, WA, x, 0.0, y)
+    head = y[:out_features]
+    gemv_n(scaling, B, y[out_features:], 1.0, head)
+    out[:] = head
+    return out
+
+
+_forward_stacked_checked = guarded(
+    "forward_stacked", (("WA", "f2"), ("B", "f2"), ("scaling", "real"), ("x", "f1"),
+                        ("out", "f1w")), _forward_stacked)
+
+
+@njit(**JIT_OPTIONS)
+def forward_stacked(WA, B, scaling, x, out):
+    """:func:`forward` with W and A stacked in one array: one pass over both.
+
+    ``WA[:out_features]`` is W and ``WA[out_features:]`` is A (both
+    C-contiguous views of one buffer, as :class:`~numba_lora.LoraLinear`
+    stores them), so one matrix-vector product yields ``W x`` and ``A x``
+    in a single read of the memory; only ``B (A x)`` is a second, small
+    product.  For one vector (token-by-token decoding), where reading W is
+    the whole cost.
+
+    Parameters
+    ----------
+    WA : ndarray, shape (out_features + rank, in_features)
+        ``np.vstack([W, A])``, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+        LoRA up-projection; its shape gives ``rank``.
+    scaling : float
+        Multiplier of the low-rank term; ``0`` reads W only.
+    x : ndarray, shape (in_features,)
+    out : ndarray, shape (out_features,)
+        Overwritten.
+
+    Returns
+    -------
+    out : ndarray, shape (out_features,)
+
+    See Also
+    --------
+    forward : the same with W and A apart.
+    forward_batch_stacked : a few rows at once.
+    """
+    return _forward_stacked_checked(WA, B, scaling, x, out)
+
+
+@njit(**JIT_OPTIONS)
+def _forward_batch_stacked(WA, B, scaling, X, out):
+    out_features, rank = _check_stacked(WA, B)
+    batch = X.shape[0]
+    if X.shape[1] != WA.shape[1] or out.shape[0] != batch or out.shape[1] != out_features:
+        raise LoraShapeError("X must be (batch, in_features) and out (batch, out_features)")
+    if not (X.flags.c_contiguous and out.flags.c_contiguous):
+        raise LoraShapeError("X and out must be C-contiguous")
+    if batch == 0:
+        return out
+    if scaling == 0 or rank == 0:
+        gemm_nt(1.0, X, WA[:out_features], 0.0, out)
+        return out
+    Y = np.empty((batch, WA.shape[0]), dtype=out.dtype)
+    gemm_nt(1.0, X, WA, 0.0, Y)
+    T = np.empty((batch, rank), dtype=out.dtype)
+    for b in range(batch):
+        T[b] = Y[b, out_features:]
+        out[b] = Y[b, :out_features]
+    gemm_nt(scaling, T, B, 1.0, out)
+    return out
+
+
+_forward_batch_stacked_checked = guarded(
+    "forward_batch_stacked", (("WA", "f2"), ("B", "f2"), ("scaling", "real"), ("X", "f2"),
+                              ("out", "f2w")), _forward_batch_stacked)
+
+
+@njit(**JIT_OPTIONS)
+def forward_batch_stacked(WA, B, scaling, X, out):
+    """:func:`forward_batch` with W and A stacked in one array: one pass over both.
+
+    For a few rows (decoding several sequences at once), where the product
+    is still bound by reading W: one gemm over ``[W; A]`` gives ``X W^T``
+    and ``X A^T`` together.  For large batches :func:`forward_batch` is as
+    fast and needs no (batch, out_features + rank) temporary.
+
+    Parameters
+    ----------
+    WA : ndarray, shape (out_features + rank, in_features)
+        ``np.vstack([W, A])``, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+    scaling : float
+    X : ndarray, shape (batch, in_features)
+    out : ndarray, shape (batch, out_features)
+        Overwritten.
+
+    Returns
+    -------
+    out : ndarray, shape (batch, out_features)
+    """
+    return _forward_batch_stacked_checked(WA, B, scaling, X, out)
 
 
 # ------------------------------------------------------------------- merge

@@ -379,3 +379,45 @@ def test_wrong_types_from_user_njit_raise_when_run(rng):
     with pytest.raises(LoraShapeError, match="x must be 1-D"):
         user_forward_mixed(W.astype(np.float32), A.astype(np.float32), B.astype(np.float32),
                            np.ones((2, 4), np.float32))
+
+
+@njit
+def user_forward_stacked(WA, B, scaling, x):
+    out = np.empty(B.shape[0], dtype=WA.dtype)
+    return kernels.forward_stacked(WA, B, scaling, x, out)
+
+
+@njit
+def user_forward_batch_stacked(WA, B, scaling, X):
+    out = np.empty((X.shape[0], B.shape[0]), dtype=WA.dtype)
+    return kernels.forward_batch_stacked(WA, B, scaling, X, out)
+
+
+@given(case=lora_case(), batch=st.integers(0, 9), scaling=st.sampled_from([0.0, -1.5, 2.0]))
+def test_stacked_kernels_match_reference(case, batch, scaling):
+    out_features, in_features, rank, dtype, _, seed = case
+    rng = np.random.default_rng(seed)
+    W, A, B = ref.random_lora(rng, out_features, in_features, rank, dtype)
+    WA = np.vstack([W, A])
+    x = rng.standard_normal(W.shape[1]).astype(W.dtype)
+    X = rng.standard_normal((batch, W.shape[1])).astype(W.dtype)
+    y = user_forward_stacked(WA, B, scaling, x)
+    ref.assert_close(y, *ref.forward(W, A, B, scaling, x), W.dtype)
+    Y = user_forward_batch_stacked(WA, B, scaling, X)
+    ref.assert_close(Y, *ref.forward(W, A, B, scaling, X), W.dtype)
+    out = np.empty(W.shape[0], W.dtype)
+    ref.assert_close(kernels.forward_stacked(WA, B, scaling, x, out),
+                     *ref.forward(W, A, B, scaling, x), W.dtype)
+
+
+def test_stacked_kernels_reject_shapes(rng):
+    W, A, B = ref.random_lora(rng, 6, 5, 2, np.float64)
+    WA = np.vstack([W, A])
+    with pytest.raises(LoraShapeError):
+        kernels.forward_stacked(WA, B[:-1].copy(), 1.0, np.ones(5), np.empty(6))
+    with pytest.raises(LoraShapeError):
+        kernels.forward_stacked(WA, B, 1.0, np.ones(4), np.empty(6))
+    with pytest.raises(LoraShapeError):
+        kernels.forward_batch_stacked(WA, B, 1.0, np.ones((2, 5)), np.empty((3, 6)))
+    with pytest.raises(LoraShapeError):
+        kernels.forward_stacked(WA[:3], np.ones((1, 9)), 1.0, np.ones(5), np.empty(6))
