@@ -1,4 +1,9 @@
-"""Type checks that run when Numba compiles a kernel, and an exact fused multiply-add.
+"""Type checks that run when Numba compiles a kernel, and the LLVM intrinsics the kernels use.
+
+Intrinsics: :func:`fma` (a fused multiply-add, rounded once),
+:func:`fma_block4` (the merge's register-blocked inner loop of such fused
+multiply-adds), :func:`prefetch` (a cache hint).  They are exact IEEE
+operations or hints, so they change no result from one CPU to another.
 
 Every public kernel (and every BLAS wrapper) is guarded: when Numba types a
 call, :func:`guarded` looks at the argument types and, if one is not what
@@ -17,7 +22,7 @@ from numba.extending import intrinsic, overload
 
 from ..errors import LoraDtypeError, LoraShapeError, LoraTypeError
 
-__all__ = ["guarded", "fma", "prefetch"]
+__all__ = ["guarded", "fma", "fma_block4", "prefetch"]
 
 #: Argument kinds: (what it must be, ndim, dtype rule, writable).
 #: dtype rule "float" means float32 or float64, one dtype shared by every
