@@ -47,7 +47,18 @@ from ._threads import get_num_threads, set_num_threads  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
 from .multi import MultiLoraLinear  # noqa: E402
 
-__version__ = "0.1.0"
+
+def _version():
+    # pyproject.toml's [project] version is the only place it is written.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("numba_lora")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "LoraLinear",

@@ -1,6 +1,5 @@
 """``python -m numba_lora``: a short demo; ``python -m numba_lora bench``: the benchmark."""
 
-import importlib.metadata
 import sys
 import time
 
@@ -48,13 +47,10 @@ def demo():
 
 
 def version():
-    """The installed distribution's version; the package's own where it is not installed."""
-    try:
-        return importlib.metadata.version("numba_lora")
-    except importlib.metadata.PackageNotFoundError:
-        from . import __version__
+    """``numba_lora.__version__``: the installed distribution's version (pyproject's)."""
+    from . import __version__
 
-        return __version__
+    return __version__
 
 
 def parser():
