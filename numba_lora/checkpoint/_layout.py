@@ -1,0 +1,196 @@
+"""The layout of a Hugging Face checkpoint directory: shards, index, tensors' byte ranges, other files.
+
+Only headers are read here.  Everything a merge relies on is checked up
+front, so that a problem is reported, naming the file and the tensor,
+before any output exists: the index and the shards agree on every tensor,
+shard names are plain file names inside the directory, tensors' byte ranges
+lie inside their files and do not overlap.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LoraFormatError
+from ..io.safetensors import SafetensorsFile, as_path
+
+__all__ = ["Checkpoint", "Shard", "TensorInfo", "read_checkpoint", "FLOAT_DTYPES"]
+
+#: Stored dtypes a merge can write back: itemsize by safetensors name.
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+# Files that hold weights in another format (or point at them): a merged
+# checkpoint must not carry them over unmerged.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack",
+                    ".gguf", ".onnx", ".index.json", ".npz", ".npy")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a shard: dtype name, shape, and byte range relative to the data start."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file: its name in the directory, sizes, and tensors in file order."""
+
+    name: str
+    size: int
+    data_start: int
+    tensors: tuple  # of TensorInfo, by start offset
+
+    def tensor(self, name):
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory: its shards, the index file (or None), and the other files."""
+
+    directory: Path
+    index: str
+    shards: tuple  # of Shard, in the index's order of first appearance
+    other_files: tuple  # names copied as they are
+    skipped: tuple  # (name, why) of entries not copied
+    where: dict = field(repr=False)  # tensor name -> shard name
+
+    @property
+    def total_bytes(self):
+        """Bytes of all shards."""
+        return sum(shard.size for shard in self.shards)
+
+
+def _plain_name(name, index_path):
+    """Refuse an index entry that is not a plain file name in the checkpoint's directory."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\x00" in name or os.path.isabs(name) or ":" in name):
+        raise LoraFormatError(
+            f"{index_path}: shard name {name!r} is not a plain file name in the checkpoint's "
+            "directory")
+    return name
+
+
+def _read_index(path):
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise LoraFormatError(f"{path} is not UTF-8 text: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise LoraFormatError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
+        raise LoraFormatError(f"{path} must hold a JSON object with a 'weight_map' object")
+    weight_map = raw["weight_map"]
+    if not weight_map:
+        raise LoraFormatError(f"{path}: 'weight_map' is empty")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise LoraFormatError(f"{path}: tensor {key!r} maps to {shard!r}, not a file name")
+        _plain_name(shard, path)
+    return weight_map
+
+
+def _find_files(directory):
+    """(index name or None, [shard names]) of the checkpoint in ``directory``."""
+    names = sorted(entry.name for entry in os.scandir(directory))
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        raise LoraFormatError(
+            f"{directory} holds {len(indexes)} safetensors index files "
+            f"({', '.join(indexes)}); merge one checkpoint per directory")
+    if indexes:
+        return indexes[0], None
+    singles = [n for n in names if n.endswith(".safetensors")]
+    if not singles:
+        raise LoraFormatError(
+            f"{directory} holds no safetensors checkpoint (no *.safetensors.index.json, "
+            "no *.safetensors file)")
+    if len(singles) > 1:
+        raise LoraFormatError(
+            f"{directory} holds {len(singles)} .safetensors files ({', '.join(singles[:4])}"
+            f"{', ...' if len(singles) > 4 else ''}) and no index naming the shards")
+    return None, singles
+
+
+def _read_shard(directory, name):
+    path = directory / name
+    file = SafetensorsFile(path)  # checks the header: JSON, dtypes, shapes, sizes, bounds
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len).decode("utf-8"))
+    tensors = []
+    for key in file.keys():
+        start, stop = header[key]["data_offsets"]
+        tensors.append(TensorInfo(key, file.dtype(key), tuple(file.shape(key)), start, stop))
+    tensors.sort(key=lambda t: (t.start, t.stop))
+    for before, after in zip(tensors, tensors[1:]):
+        if after.start < before.stop:
+            raise LoraFormatError(
+                f"{path}: tensors {before.name!r} and {after.name!r} overlap "
+                f"(bytes {before.start}-{before.stop} and {after.start}-{after.stop})")
+    return Shard(name, size, 8 + header_len, tuple(tensors))
+
+
+def read_checkpoint(base):
+    """Read and check the layout of the checkpoint in directory ``base``.
+
+    Raises
+    ------
+    LoraFormatError
+        If ``base`` is not a directory holding one safetensors checkpoint, or
+        the checkpoint is malformed (message names the file and the tensor).
+    """
+    directory = as_path(base, "base")
+    if not directory.is_dir():
+        raise LoraFormatError(f"base checkpoint {directory} is not a directory")
+    index, singles = _find_files(directory)
+    if index is not None:
+        index_path = directory / index
+        weight_map = _read_index(index_path)
+        order = list(dict.fromkeys(weight_map.values()))
+    else:
+        weight_map = None
+        order = singles
+    shards, where = [], {}
+    for name in order:
+        if not (directory / name).is_file():
+            raise LoraFormatError(f"{directory / index}: shard {name!r} does not exist")
+        shard = _read_shard(directory, name)
+        for info in shard.tensors:
+            if info.name in where:
+                raise LoraFormatError(
+                    f"tensor {info.name!r} is in both {where[info.name]} and {name}")
+            where[info.name] = name
+            if weight_map is not None and weight_map.get(info.name) != name:
+                listed = weight_map.get(info.name)
+                raise LoraFormatError(
+                    f"{directory / name} holds tensor {info.name!r}, but {index} "
+                    + ("does not list it" if listed is None else f"places it in {listed}"))
+        shards.append(shard)
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if where.get(key) != name:
+                raise LoraFormatError(
+                    f"{directory / index} places tensor {key!r} in {name}, which does not hold it")
+    used = set(order) | ({index} if index else set())
+    other, skipped = [], []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name in used:
+            continue
+        if not entry.is_file():  # follows symlinks (a hub cache's snapshot is all links)
+            skipped.append((entry.name, "not a regular file"))
+        elif entry.name.endswith(_WEIGHT_SUFFIXES):
+            skipped.append((entry.name, "weights outside the merged checkpoint"))
+        else:
+            other.append(entry.name)
+    return Checkpoint(directory, index, tuple(shards), tuple(other), tuple(skipped), where)

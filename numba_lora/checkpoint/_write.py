@@ -1,0 +1,403 @@
+"""Writing a merged checkpoint: one shard at a time, staged, renamed into place.
+
+A shard is written in one pass over its base file: the header and every
+byte of a tensor that does not change are copied as they are (in the
+kernel, ``os.copy_file_range``, where it can); a tensor that changes is
+read into one buffer of its stored dtype, merged in place by a kernel, and
+written back at the same offset.  So the output has the base's header, byte
+layout and dtypes, and the memory a shard needs is its largest adapted
+tensor, in its stored dtype (bfloat16 and float16 are merged as bits,
+through float32 tiles).
+
+All output goes to a staging directory beside ``out``, each shard to a
+temporary name renamed when complete; the staging directory becomes
+``out`` by one rename at the end.  A failed or interrupted merge leaves no
+``out`` and no half-written shard.
+"""
+
+import os
+import queue
+import shutil
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .. import kernels
+from ..errors import LoraConfigError, LoraFormatError
+from ..io.safetensors import SafetensorsFile, as_path
+
+__all__ = ["write_shard", "run_shards", "Output"]
+
+# Stored dtype -> (NumPy dtype of the buffer, kernel, dtype of the factors).
+_KERNELS = {
+    "F32": (np.float32, kernels.merge, np.float32),
+    "F64": (np.float64, kernels.merge, np.float64),
+    "BF16": (np.uint16, kernels.merge_bf16, np.float32),
+    "F16": (np.uint16, kernels.merge_f16, np.float32),
+}
+
+_CHUNK = 8 << 20  # bytes per read/write where the kernel cannot copy
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+class _Copier:
+    """Copies byte ranges of ``src`` to ``dst``'s position: in the kernel where it can."""
+
+    def __init__(self, src, dst, path):
+        self.src, self.dst, self.path = src, dst, path
+        self.in_kernel = hasattr(os, "copy_file_range")
+        self._buffer = None
+
+    def copy(self, offset, count):
+        while count > 0:
+            n = 0
+            if self.in_kernel:
+                try:
+                    n = os.copy_file_range(self.src.fileno(), self.dst.fileno(), count, offset)
+                except OSError:
+                    # Not between these file systems (EXDEV, EINVAL, ENOSYS,
+                    # EPERM under some sandboxes): copy through user space.
+                    self.in_kernel = False
+                    continue
+            else:
+                if self._buffer is None:
+                    self._buffer = memoryview(bytearray(_CHUNK))
+                view = self._buffer[:min(count, _CHUNK)]
+                self.src.seek(offset)
+                n = self.src.readinto(view) or 0
+                _write_all(self.dst, view[:n])
+            if n == 0:
+                raise LoraFormatError(f"{self.path} ends early: the file changed or is truncated")
+            offset += n
+            count -= n
+
+
+def _write_all(dst, view):
+    while len(view):
+        n = dst.write(view)
+        view = view[n:]
+
+
+def _read_exactly(src, offset, view, path, key):
+    src.seek(offset)
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])
+        if not n:
+            raise LoraFormatError(
+                f"{path}: tensor {key!r} ends early: the file changed or is truncated")
+        got += n
+
+
+def _factors(adapter, merge, info, compute):
+    """(A, B) as the kernel takes them for W's stored layout, in ``compute`` dtype."""
+    factors = adapter.read_many([merge.a_key, merge.b_key])
+    A = np.ascontiguousarray(factors[merge.a_key], dtype=compute)
+    B = np.ascontiguousarray(factors[merge.b_key], dtype=compute)
+    rows, cols = (info.shape[1], info.shape[0]) if merge.fan_in_fan_out else info.shape
+    if A.shape != (merge.rank, cols) or B.shape != (rows, merge.rank):
+        raise LoraFormatError(
+            f"{adapter.path}: tensors {merge.a_key!r} {A.shape} and {merge.b_key!r} {B.shape} "
+            "no longer fit: the adapter changed since the merge was checked")
+    if merge.fan_in_fan_out:
+        # W is stored (in, out) = (B @ A).T, and (B @ A).T = A.T @ B.T with
+        # the same products summed in the same order over the rank.
+        A, B = np.ascontiguousarray(B.T), np.ascontiguousarray(A.T)
+    return A, B
+
+
+class _ShardJob:
+    """One shard: the calling thread reads and merges, a writer thread writes.
+
+    The writer takes, in file order, byte ranges to copy and merged buffers
+    to write, then syncs the file; two buffers of the shard's largest
+    adapted tensor (in its stored dtype) go round between the two threads,
+    so reading and merging a tensor overlaps writing the previous one, and
+    memory stays at two tensors.  :meth:`finish` waits for the writer and
+    renames the file into place; until then the shard has a temporary name.
+    """
+
+    def __init__(self, plan, shard, directory, progress=None):
+        directory = as_path(directory, "directory")
+        layout = next((s for s in plan.checkpoint.shards if s.name == shard), None)
+        if layout is None:
+            raise LoraConfigError(f"{shard!r} is not a shard of {plan.checkpoint.directory}")
+        self.layout = layout
+        self.path = plan.checkpoint.directory / shard
+        self.final = directory / shard
+        self.merges = plan.merges_in(shard)
+        self.adapter = SafetensorsFile(plan.adapter_file) if self.merges else None
+        self.report = progress or (lambda n: None)
+        self.tmp = directory / f".{shard}.{uuid.uuid4().hex}.tmp"
+        self._src = self._dst = self._thread = None
+        self._queue = queue.Queue()
+        self._free = queue.Queue()
+        self._error = None
+
+    # ------------------------------------------------------- writer thread
+    def _write(self):
+        copier = _Copier(self._src, self._dst, self.path)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, first, second = item
+            if self._error is not None:
+                if kind == "buffer":
+                    self._free.put(first)
+                continue
+            try:
+                if kind == "copy":
+                    copier.copy(first, second)
+                elif kind == "buffer":
+                    _write_all(self._dst, second)
+                else:  # "sync": every buffer is back; free them before the wait
+                    while not self._free.empty():
+                        self._free.get_nowait()
+                    os.fsync(self._dst.fileno())
+            except BaseException as exc:  # handed to the calling thread
+                self._error = exc
+            if kind == "buffer":
+                self._free.put(first)
+
+    def _check(self):
+        if self._error is not None:
+            raise self._error
+
+    # ------------------------------------------------------ calling thread
+    def run(self):
+        """Read, merge and queue every piece of the shard; the writer may still be busy."""
+        layout = self.layout
+        self._src = open(self.path, "rb", buffering=0)
+        self._dst = open(self.tmp, "xb", buffering=0)
+        if os.fstat(self._src.fileno()).st_size != layout.size:
+            raise LoraFormatError(f"{self.path} changed size since the merge was checked")
+        if self.merges:
+            largest = max(_nbytes(layout.tensor(name)) for name in self.merges)
+            for _ in range(2):
+                self._free.put(np.empty(largest, np.uint8))
+        self._thread = threading.Thread(target=self._write, name=f"write {layout.name}",
+                                        daemon=True)
+        self._thread.start()
+        self._queue.put(("copy", 0, layout.data_start))
+        position = 0  # bytes of data queued so far, from the data start
+        for info in layout.tensors:
+            merge = self.merges.get(info.name)
+            if merge is None:
+                continue
+            self._queue.put(("copy", layout.data_start + position, info.start - position))
+            self.report(info.start - position)
+            buffer = self._free.get()
+            self._check()
+            self._queue.put(("buffer", buffer, self._merge(buffer, info, merge)))
+            self.report(info.stop - info.start)
+            position = info.stop
+        rest = layout.size - layout.data_start - position
+        self._queue.put(("copy", layout.data_start + position, rest))
+        self.report(rest)
+        self._queue.put(("sync", None, None))
+        self._queue.put(None)
+
+    def _merge(self, buffer, info, merge):
+        dtype, kernel, compute = _KERNELS[info.dtype]
+        view = memoryview(buffer)[:_nbytes(info)]
+        W = np.frombuffer(view, dtype).reshape(info.shape)
+        _read_exactly(self._src, self.layout.data_start + info.start, view, self.path, info.name)
+        if _BIG_ENDIAN:
+            W.byteswap(inplace=True)
+        A, B = _factors(self.adapter, merge, info, compute)
+        kernel(W, A, B, merge.scaling)
+        if _BIG_ENDIAN:
+            W.byteswap(inplace=True)
+        return view
+
+    def finish(self):
+        """Wait for the writer, then rename the shard into place; return its bytes."""
+        self._join()
+        self._check()
+        os.replace(self.tmp, self.final)
+        return self.layout.size
+
+    def abort(self):
+        """Stop the writer and remove the temporary file (quietly: an error is being raised)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._error = self._error or LoraFormatError("aborted")
+            self._queue.put(None)
+        self._join()
+        _quietly(self.tmp.unlink, missing_ok=True)
+
+    def _join(self):
+        if self._thread is not None:
+            self._thread.join()
+        for fh in (self._src, self._dst):
+            if fh is not None:
+                fh.close()
+
+
+def _nbytes(info):
+    return (info.stop - info.start)
+
+
+def run_shards(plan, shards, directory, progress=None, on_shard=None):
+    """Write ``shards`` one after another, each one's sync overlapping the next one's work.
+
+    Returns the bytes written.  On any failure every shard not yet renamed
+    into place is removed.
+    """
+    written = 0
+    pending = None
+    try:
+        for shard in shards:
+            if on_shard is not None:
+                on_shard(shard)
+            job = _ShardJob(plan, shard, directory, progress)
+            try:
+                job.run()
+            except BaseException:
+                job.abort()
+                raise
+            if pending is not None:
+                done, pending = pending, None
+                written += done.finish()
+            pending = job
+        if pending is not None:
+            done, pending = pending, None
+            written += done.finish()
+    except BaseException:
+        if pending is not None:
+            pending.abort()
+        raise
+    return written
+
+
+def write_shard(plan, shard, directory, progress=None):
+    """Write the merged ``shard`` of ``plan`` into ``directory``; return its bytes.
+
+    The shard is written to a temporary name in ``directory`` and renamed
+    to its own name only once complete and synced, so a failure leaves no
+    file of that name (nor the temporary).  Safe to call from several
+    processes for different shards of one plan (a Dask task per shard).
+
+    Parameters
+    ----------
+    plan : MergePlan
+    shard : str
+        One of ``plan.shards``.
+    directory : str or os.PathLike
+        Where the shard goes (the staging directory of a merge).
+    progress : callable, optional
+        Called with the number of bytes of each piece as it is queued.
+
+    Returns
+    -------
+    int
+        Bytes written (the shard's size).
+    """
+    return run_shards(plan, [shard], directory, progress)
+
+
+class Output:
+    """The output directory of a merge: checked, staged beside it, committed by one rename.
+
+    Parameters
+    ----------
+    plan : MergePlan
+    out : str or os.PathLike
+        Must not exist, or be an empty directory; must not be the base's or
+        the adapter's directory.  Missing parent directories are created
+        (and removed again if the merge fails).
+    """
+
+    def __init__(self, plan, out):
+        out = as_path(out, "out")
+        base = plan.checkpoint.directory
+        adapter = Path(plan.adapter_file).parent
+        for other, what in ((base, "base checkpoint"), (adapter, "adapter")):
+            if _same(out, other):
+                raise LoraConfigError(
+                    f"out {out} is the {what}'s own directory; write the merged checkpoint "
+                    "to a new directory")
+        if out.exists() or out.is_symlink():
+            if not out.is_dir():
+                raise LoraConfigError(f"out {out} exists and is not a directory")
+            if any(out.iterdir()):
+                raise LoraConfigError(
+                    f"out {out} is not empty; give a new or empty directory, so that no "
+                    "file of another checkpoint is left beside the merged one")
+        self.out = out
+        self.plan = plan
+        self._created = []
+        parent = out.parent
+        while not parent.exists():
+            self._created.append(parent)
+            parent = parent.parent
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+        try:
+            self.staging.mkdir()
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def commit(self):
+        """Copy the index and the other files, then rename the staging directory to ``out``."""
+        checkpoint = self.plan.checkpoint
+        for shard in self.plan.shards:
+            if not (self.staging / shard).is_file():
+                raise LoraFormatError(f"shard {shard} was not written to {self.staging}")
+        names = ((checkpoint.index,) if checkpoint.index else ()) + checkpoint.other_files
+        for name in names:
+            tmp = self.staging / f".{name}.{uuid.uuid4().hex}.tmp"
+            shutil.copyfile(checkpoint.directory / name, tmp)
+            os.replace(tmp, self.staging / name)
+        _fsync_directory(self.staging)
+        if self.out.is_dir() and not self.out.is_symlink():
+            self.out.rmdir()  # empty, checked above; fails if something appeared since
+        os.rename(self.staging, self.out)
+        _fsync_directory(self.out.parent)
+
+    def abort(self):
+        """Remove the staging directory and the parents this merge created."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self):
+        for directory in self._created:
+            if not _quietly(directory.rmdir):
+                break
+
+
+def _same(a, b):
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _fsync_directory(path):
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _quietly(action, *args, **kwargs):
+    """Run a clean-up step; True if it worked.  A failure must not hide the error being raised."""
+    try:
+        action(*args, **kwargs)
+    except OSError:
+        return False
+    return True
