@@ -1,4 +1,4 @@
-"""``python -m numba_lora``: a short demo; ``python -m numba_lora bench``: the benchmark."""
+"""``python -m numba_lora``: a short demo; ``bench``: the benchmark; ``merge``: merge a checkpoint."""
 
 import sys
 import time
@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from .bench import cli as bench_cli
+from .checkpoint import cli as merge_cli
 
 
 def demo():
@@ -54,7 +55,7 @@ def version():
 
 
 def parser():
-    """``python -m numba_lora [--version] [bench ...]``; without a command, the demo."""
+    """``python -m numba_lora [--version] [bench ... | merge ...]``; without a command, the demo."""
     p = bench_cli.ArgumentParser(
         prog="python -m numba_lora",
         description="Without a command: a short demo on a 4096x4096 float32 layer (about a "
@@ -66,6 +67,10 @@ def parser():
                                 description=bench_cli.DESCRIPTION)
     bench_cli.add_arguments(bench)
     bench.set_defaults(handler=lambda args: bench_cli.execute(args, bench))
+    merge = commands.add_parser("merge", help="merge a PEFT adapter into a checkpoint "
+                                "(see 'merge --help')", description=merge_cli.DESCRIPTION)
+    merge_cli.add_arguments(merge)
+    merge.set_defaults(handler=lambda args: merge_cli.execute(args, merge))
     return p
 
 

@@ -1,0 +1,56 @@
+"""``python -m numba_lora merge``: exit codes, messages, options."""
+
+import subprocess
+import sys
+
+import pytest
+
+from numba_lora.__main__ import main
+
+from .helpers import FIXTURES, checkpoint_tensors, raw_tensors
+
+
+def test_merge_command(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["merge", str(FIXTURES / "llama_bf16"), str(FIXTURES / "llama_adapter"), str(out),
+                 "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"merged 14 tensors into {out}: 6 shard(s)")
+    peft = raw_tensors(FIXTURES / "llama_bf16_merged.safetensors")
+    assert checkpoint_tensors(out) == peft
+
+
+def test_refusal_is_one_line_and_exit_code_1(tmp_path, capsys):
+    code = main(["merge", str(FIXTURES / "llama_bf16"), str(FIXTURES / "gpt2_adapter"),
+                 str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m numba_lora merge: error: ")
+    assert "transformer.h.0.attn.c_attn" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--dtype", "float16"], "invalid choice"),
+    (["--threads", "0"], "must be between 1"),
+    (["--threads", "x"], "expected an integer"),
+])
+def test_usage_errors(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit) as info:
+        main(["merge", "a", "b", str(tmp_path / "out"), *args])
+    assert info.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_in_a_fresh_process_with_threads(tmp_path):
+    # --threads sets the process's thread counts: run it where that cannot leak.
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "numba_lora", "merge", str(FIXTURES / "gpt2_f32"),
+                             str(FIXTURES / "gpt2_adapter"), str(out), "--threads", "1"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("merged 8 tensors")
+    assert checkpoint_tensors(out) == raw_tensors(FIXTURES / "gpt2_f32_merged.safetensors")
+    result = subprocess.run([sys.executable, "-m", "numba_lora", "merge", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "BASE_DIR ADAPTER_DIR OUT_DIR" in result.stdout
