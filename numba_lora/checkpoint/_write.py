@@ -183,6 +183,7 @@ class _ShardJob:
                                         daemon=True)
         self._thread.start()
         self._queue.put(("copy", 0, layout.data_start))
+        self.report(layout.data_start)
         position = 0  # bytes of data queued so far, from the data start
         for info in layout.tensors:
             merge = self.merges.get(info.name)

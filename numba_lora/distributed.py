@@ -1,0 +1,233 @@
+"""Dask: the checkpoint merge as one task per shard, and batch inference over row chunks.
+
+An optional extra: ``pip install "numba_lora[dask]"`` (dask and distributed).
+This module adds no arithmetic, only partitioning and gathering: each task
+runs the same code a single process runs (:func:`numba_lora.checkpoint.write_shard`,
+``layer.forward_batch``), so results are the single-process results.
+
+- :func:`merge`: :func:`numba_lora.checkpoint.merge` over a
+  ``dask.distributed.Client``: planned and checked on the client, one task
+  per shard on the workers, committed on the client.  Workers must see the
+  base, adapter and output paths (a shared file system).
+- :func:`forward_batch`: a layer's ``forward_batch`` over a row-chunked
+  ``dask.array``, the layer scattered to every worker once.
+- :func:`thread_counts`: Numba and BLAS threads per task so that tasks times
+  threads never exceeds a host's cores; every task sets them before it
+  computes.
+
+See ``docs/dask.rst``.
+"""
+
+import os
+import time
+
+import numba
+import numpy as np
+
+from . import checkpoint
+from ._threads import set_num_threads
+from .errors import LoraShapeError, LoraTypeError
+
+
+
+def _dask():
+    """dask.array and distributed, imported on first use: this module imports without them."""
+    try:
+        import dask.array
+        import distributed
+    except ImportError as exc:
+        raise ImportError(
+            "numba_lora.distributed needs dask and distributed: "
+            f"pip install \"numba_lora[dask]\" ({exc})") from exc
+    return dask.array, distributed
+
+__all__ = ["merge", "forward_batch", "thread_counts"]
+
+
+# --------------------------------------------------------------- threads
+def _cores():
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_counts(client):
+    """``{worker address: threads}``: Numba and BLAS threads for each of that worker's tasks.
+
+    A host's cores are shared out over the tasks that can run on it at once
+    (the sum of its workers' ``nthreads``): ``max(1, cores // tasks)``, so
+    that workers x task threads x Numba/BLAS threads stays within the cores.
+    Two single-threaded workers on a 2-core machine get 1 each; one worker
+    with one thread on a 32-core host gets 32.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"] if _takes_n_workers(client) \
+        else client.scheduler_info()["workers"]
+    cores = client.run(_cores)
+    tasks_per_host = {}
+    for info in workers.values():
+        tasks_per_host[info["host"]] = tasks_per_host.get(info["host"], 0) + info["nthreads"]
+    return {address: max(1, cores.get(address, 1) // tasks_per_host[info["host"]])
+            for address, info in workers.items()}
+
+
+def _takes_n_workers(client):
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _use_threads(threads):
+    """In a task: set this thread's Numba count and the process's BLAS count."""
+    if isinstance(threads, dict):
+        _, dist = _dask()
+        try:
+            n = threads.get(dist.get_worker().address, 1)
+        except ValueError:  # not on a worker (a local scheduler): leave them
+            return
+    else:
+        n = threads
+    set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _check_threads(client, threads):
+    if threads is None:
+        return thread_counts(client)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise LoraTypeError(f"threads must be None or an int >= 1, got {threads!r}")
+    return threads
+
+
+# ------------------------------------------------------------------ merge
+def _write_shard_task(shard, plan, directory, threads):
+    _use_threads(threads)
+    return checkpoint.write_shard(plan, shard, directory)
+
+
+def merge(client, base, adapter, out, *, dtype="keep", threads=None):
+    """:func:`numba_lora.checkpoint.merge` with one Dask task per shard.
+
+    Everything is checked on the client before any task starts (the same
+    checks, the same errors).  The shards are written by the workers into
+    the staging directory beside ``out``; when every task has succeeded the
+    client copies the other files and renames the staging directory to
+    ``out``.  If any task fails, the client waits for the others to end,
+    removes the staging directory and raises the first task's error: as
+    with one process, no ``out`` and no half-written shard.
+
+    The result is bit-identical to the single-process merge: each task runs
+    :func:`~numba_lora.checkpoint.write_shard`, whose arithmetic does not
+    depend on the thread count.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    base, adapter, out, dtype
+        As for :func:`numba_lora.checkpoint.merge`.  The workers must reach
+        the same paths (a shared file system); give absolute paths.
+    threads : int or None
+        Numba and BLAS threads per task; None: :func:`thread_counts`.
+
+    Returns
+    -------
+    numba_lora.checkpoint.MergeResult
+    """
+    _dask()
+    start = time.perf_counter()
+    plan = checkpoint.plan_merge(base, adapter, dtype=dtype)
+    threads = _check_threads(client, threads)
+    output = checkpoint.Output(plan, out)
+    futures = []
+    try:
+        futures = [client.submit(_write_shard_task, shard, plan, str(output.staging), threads,
+                                 key=f"numba_lora-merge-{output.staging.name}-{k}", pure=False)
+                   for k, shard in enumerate(plan.shards)]
+        _dask()[1].wait(futures)  # every task has ended, so none still writes when we clean up
+        written = sum(client.gather(futures))
+        output.commit()
+    except BaseException:
+        if futures:
+            client.cancel(futures)
+        output.abort()
+        raise
+    return checkpoint.MergeResult(
+        out=output.out,
+        shards=plan.shards,
+        merged=tuple(m.tensor for m in plan.merges),
+        copied=((plan.checkpoint.index,) if plan.checkpoint.index else ())
+        + plan.checkpoint.other_files,
+        skipped=plan.checkpoint.skipped,
+        bytes=written,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# -------------------------------------------------------- batch inference
+def _forward_block(X, layer, threads):
+    _use_threads(threads)
+    return layer.forward_batch(X)
+
+
+def _forward_multi_block(X, ids, layer, threads):
+    _use_threads(threads)
+    return layer.forward_batch(X, ids[:, 0])
+
+
+def forward_batch(client, layer, X, adapter_ids=None, *, threads=None):
+    """A layer's ``forward_batch`` over the row chunks of a dask array, lazily.
+
+    The layer is scattered to every worker once (``client.scatter(layer,
+    broadcast=True)``); the task of each row chunk refers to it by key, so
+    what travels per chunk is the chunk's rows and its output, never W.
+    Each task sets its Numba and BLAS threads (see :func:`thread_counts`)
+    before it computes.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    layer : LoraLinear or MultiLoraLinear
+        Anything with ``forward_batch(X)`` (or ``forward_batch(X, ids)``
+        with ``adapter_ids``), ``in_features``, ``out_features`` and
+        ``dtype``, that pickles.
+    X : dask.array.Array, shape (rows, in_features)
+        Chunked along rows (columns are rechunked to one chunk).
+    adapter_ids : dask.array.Array or ndarray of int, shape (rows,), optional
+        For a :class:`~numba_lora.MultiLoraLinear`: each row's adapter index
+        (``-1`` for the base weight only); rechunked to X's row chunks.
+    threads : int or None
+        Numba and BLAS threads per task; None: :func:`thread_counts`.
+
+    Returns
+    -------
+    dask.array.Array, shape (rows, out_features)
+        Lazy: ``.compute()``, ``.persist()`` or ``.store(...)`` it.  The
+        scattered layer stays on the workers as long as this array (or
+        anything computed from it) is referenced.
+    """
+    da, _ = _dask()
+    if not isinstance(X, da.Array):
+        raise LoraTypeError(f"X must be a dask.array.Array, got {type(X).__name__}")
+    if X.ndim != 2 or X.shape[1] != layer.in_features:
+        raise LoraShapeError(
+            f"X must be (rows, in_features) = (rows, {layer.in_features}), got {X.shape}")
+    threads = _check_threads(client, threads)
+    X = X.rechunk({1: -1})
+    [layer_future] = client.scatter([layer], broadcast=True, hash=False)
+    chunks = (X.chunks[0], (layer.out_features,))
+    if adapter_ids is None:
+        return X.map_blocks(_forward_block, layer_future, threads, chunks=chunks,
+                            dtype=layer.dtype, name="numba_lora-forward_batch")
+    if not isinstance(adapter_ids, da.Array):
+        adapter_ids = np.asarray(adapter_ids)
+    if adapter_ids.ndim != 1 or adapter_ids.shape[0] != X.shape[0]:
+        raise LoraShapeError(
+            f"adapter_ids must be (rows,) = ({X.shape[0]},), got {adapter_ids.shape}")
+    if not isinstance(adapter_ids, da.Array):
+        adapter_ids = da.from_array(adapter_ids, chunks=(X.chunks[0],))
+    ids = adapter_ids.rechunk((X.chunks[0],))[:, None]
+    return da.map_blocks(_forward_multi_block, X, ids, layer_future, threads, chunks=chunks,
+                         dtype=layer.dtype, name="numba_lora-forward_batch_multi")
