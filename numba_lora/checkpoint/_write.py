@@ -23,6 +23,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from .. import kernels
@@ -31,12 +32,13 @@ from ..io.safetensors import SafetensorsFile, as_path
 
 __all__ = ["write_shard", "run_shards", "Output"]
 
-# Stored dtype -> (NumPy dtype of the buffer, kernel, dtype of the factors).
+# Stored dtype -> (NumPy dtype of the buffer, kernel on Numba's threads,
+# kernel on the calling thread, dtype of the factors).  Same bits either way.
 _KERNELS = {
-    "F32": (np.float32, kernels.merge, np.float32),
-    "F64": (np.float64, kernels.merge, np.float64),
-    "BF16": (np.uint16, kernels.merge_bf16, np.float32),
-    "F16": (np.uint16, kernels.merge_f16, np.float32),
+    "F32": (np.float32, kernels.merge, kernels.merge_serial, np.float32),
+    "F64": (np.float64, kernels.merge, kernels.merge_serial, np.float64),
+    "BF16": (np.uint16, kernels.merge_bf16, kernels.merge_bf16_serial, np.float32),
+    "F16": (np.uint16, kernels.merge_f16, kernels.merge_f16_serial, np.float32),
 }
 
 _CHUNK = 8 << 20  # bytes per read/write where the kernel cannot copy
@@ -169,7 +171,20 @@ class _ShardJob:
 
     # ------------------------------------------------------ calling thread
     def run(self):
-        """Read, merge and queue every piece of the shard; the writer may still be busy."""
+        """Read, merge and queue every piece of the shard; the writer may still be busy.
+
+        The kernels get one thread fewer than Numba's count (at least one):
+        the writer thread needs a core of its own, or the two take turns.
+        """
+        previous = numba.get_num_threads()
+        self._threads = max(1, previous - 1)
+        numba.set_num_threads(self._threads)  # this thread's count only
+        try:
+            self._run()
+        finally:
+            numba.set_num_threads(previous)
+
+    def _run(self):
         layout = self.layout
         self._src = open(self.path, "rb", buffering=0)
         self._dst = open(self.tmp, "xb", buffering=0)
@@ -203,7 +218,8 @@ class _ShardJob:
         self._queue.put(None)
 
     def _merge(self, buffer, info, merge):
-        dtype, kernel, compute = _KERNELS[info.dtype]
+        dtype, threaded, serial, compute = _KERNELS[info.dtype]
+        kernel = threaded if self._threads > 1 else serial
         view = memoryview(buffer)[:_nbytes(info)]
         W = np.frombuffer(view, dtype).reshape(info.shape)
         _read_exactly(self._src, self.layout.data_start + info.start, view, self.path, info.name)

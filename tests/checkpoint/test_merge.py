@@ -278,7 +278,8 @@ def test_a_failure_leaves_nothing(tmp_path, pair, monkeypatch, where):
         raise (KeyboardInterrupt if where == "interrupt" else RuntimeError)("boom")
 
     if where in ("kernel", "interrupt"):
-        monkeypatch.setitem(_write._KERNELS, "BF16", (np.uint16, failing_kernel, np.float32))
+        monkeypatch.setitem(_write._KERNELS, "BF16",
+                            (np.uint16, failing_kernel, failing_kernel, np.float32))
     elif where == "second shard":
         real = _write._Copier.copy
 
@@ -403,3 +404,28 @@ def test_a_base_changed_after_planning_is_refused(tmp_path, pair):
     with pytest.raises(LoraFormatError, match="changed size"):
         checkpoint.write_shard(plan, plan.shards[0], tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_same_bytes_with_the_threaded_kernels(tmp_path, pair, monkeypatch):
+    # With Numba's count at n the kernels get n - 1 threads (the writer has
+    # a core); pretend there are three so that the threaded kernels run too.
+    base, adapter, _ = pair
+    checkpoint.merge(base, adapter, tmp_path / "serial")
+    real = _write.numba
+    used = []
+
+    class ThreeThreads:
+        @staticmethod
+        def get_num_threads():
+            return 3
+
+        @staticmethod
+        def set_num_threads(n):
+            used.append(n)
+            real.set_num_threads(min(n, real.config.NUMBA_NUM_THREADS))
+
+    monkeypatch.setattr(_write, "numba", ThreeThreads)
+    checkpoint.merge(base, adapter, tmp_path / "threaded")
+    assert used[0] == 2
+    for path in (tmp_path / "serial").iterdir():
+        assert (tmp_path / "threaded" / path.name).read_bytes() == path.read_bytes()
