@@ -1,6 +1,14 @@
 """``LoraAdapter``: the LoRA layers of one adapter, by module name, sharing a config."""
 
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ._validate import as_array
 from .config import LoraConfig
@@ -36,7 +44,7 @@ class LoraAdapter:
     --------
     >>> import numpy as np
     >>> from numba_lora import LoraAdapter, LoraConfig
-    >>> adapter = LoraAdapter(LoraConfig(rank=8, alpha=16))
+    >>> adapter = LoraAdapter(LoraConfig(r=8, lora_alpha=16))
     >>> adapter.add_layer("q_proj", np.zeros((64, 32), np.float32))
     LoraLinear(out_features=64, in_features=32, rank=8, alpha=16, scaling=2, dtype=float32, merged=False, enabled=True)
     >>> adapter.add_layer("v_proj", np.zeros((64, 32), np.float32)).rank
@@ -45,14 +53,15 @@ class LoraAdapter:
     (1536, 4096)
     """
 
-    def __init__(self, config):
+    def __init__(self, config: LoraConfig) -> None:
         if not isinstance(config, LoraConfig):
             raise LoraTypeError(f"config must be a LoraConfig, got {type(config).__name__}")
         self.config = config.validate()
         self._layers = {}
 
     # ------------------------------------------------------------- building
-    def add_layer(self, name, weight, *, seed=None):
+    def add_layer(self, name: str, weight: ArrayLike, *,
+                  seed: int | np.random.Generator | None = None) -> LoraLinear:
         """Add a layer over base ``weight`` and return it.
 
         ``weight`` is (out_features, in_features), or (in_features,
@@ -94,7 +103,7 @@ class LoraAdapter:
         return layer
 
     # -------------------------------------------------------------- mapping
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> LoraLinear:
         try:
             return self._layers[name]
         except (KeyError, TypeError):  # TypeError: an unhashable name
@@ -104,37 +113,39 @@ class LoraAdapter:
                 f"adapter has no layer named {name!r} (it has {len(self._layers)}: {known}{more})"
             ) from None
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         try:
             return name in self._layers
         except TypeError:  # unhashable: never a layer name
             return False
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._layers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._layers)
 
     @property
-    def layer_names(self):
+    def layer_names(self) -> list[str]:
         """list of str: Layer names in insertion order."""
         return list(self._layers)
 
-    def items(self):
+    def items(self) -> ItemsView[str, LoraLinear]:
         """(name, layer) pairs in insertion order."""
         return self._layers.items()
 
     # -------------------------------------------------------------- compute
-    def forward_layer(self, name, x, out=None):
+    def forward_layer(self, name: str, x: ArrayLike,
+                      out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """``self[name].forward(x, out)``: one vector through one layer."""
         return self[name].forward(x, out=out)
 
-    def forward_batch_layer(self, name, X, out=None):
+    def forward_batch_layer(self, name: str, X: ArrayLike,
+                            out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """``self[name].forward_batch(X, out)``: a batch through one layer."""
         return self[name].forward_batch(X, out=out)
 
-    def merge_all(self, *, check_finite=False):
+    def merge_all(self, *, check_finite: bool = False) -> None:
         """Merge every layer that is not merged yet (idempotent).
 
         With ``check_finite=True`` every layer is checked before any is
@@ -148,54 +159,93 @@ class LoraAdapter:
         for layer in pending:
             layer.merge()
 
-    def unmerge_all(self):
+    def unmerge_all(self) -> None:
         """Unmerge every merged layer (idempotent)."""
         for layer in self._layers.values():
             if layer.is_merged:
                 layer.unmerge()
 
-    def enable_all(self):
+    def enable_all(self) -> None:
         """Enable every layer."""
         for layer in self._layers.values():
             layer.enable()
 
-    def disable_all(self):
+    def disable_all(self) -> None:
         """Disable every layer: each computes its base product only."""
         for layer in self._layers.values():
             layer.disable()
 
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[LoraAdapter]:
+        """Disable every layer for the ``with`` block, as PEFT's ``model.disable_adapter()``.
+
+        On exit, even by an exception, each layer gets back the enabled
+        state it had on entry (a layer that was disabled stays disabled).
+        Layers added inside the block are left as they are.
+
+        Yields
+        ------
+        LoraAdapter
+            This adapter.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=1))
+        >>> layer = adapter.add_layer("fc", np.eye(2))
+        >>> layer.lora_b = np.ones((2, 1))
+        >>> with adapter.disable_adapter():
+        ...     adapter.forward_layer("fc", [1.0, 0.0])  # the base model alone
+        array([1., 0.])
+        >>> layer.is_enabled
+        True
+        """
+        states = [(layer, layer.is_enabled) for layer in self._layers.values()]
+        try:
+            for layer, _ in states:
+                layer.disable()
+            yield self
+        finally:
+            for layer, was_enabled in states:
+                if was_enabled:
+                    layer.enable()
+                else:
+                    layer.disable()
+
     # --------------------------------------------------------------- totals
     @property
-    def total_trainable_params(self):
+    def total_trainable_params(self) -> int:
         """int: Sum of the layers' ``trainable_params``."""
         return sum(layer.trainable_params for layer in self._layers.values())
 
     @property
-    def total_original_params(self):
+    def total_original_params(self) -> int:
         """int: Sum of ``in_features * out_features`` over the layers."""
         return sum(layer.in_features * layer.out_features for layer in self._layers.values())
 
     @property
-    def overall_compression_ratio(self):
+    def overall_compression_ratio(self) -> float:
         """float: trainable / (original + trainable); 0.0 for an empty adapter."""
         trainable = self.total_trainable_params
         total = self.total_original_params + trainable
         return trainable / total if total else 0.0
 
-    def summary(self):
+    def summary(self) -> AdapterSummary:
         """An :class:`AdapterSummary` of the totals and the config's rank and alpha."""
         return AdapterSummary(
             num_layers=len(self._layers),
             total_trainable=self.total_trainable_params,
             total_original=self.total_original_params,
             compression_ratio=self.overall_compression_ratio,
-            rank=self.config.rank,
-            alpha=self.config.alpha,
+            rank=self.config.r,
+            alpha=self.config.lora_alpha,
         )
 
     # ----------------------------------------------------------------- PEFT
     @classmethod
-    def from_peft(cls, path, base_weights):
+    def from_peft(cls, path: str | os.PathLike[str],
+                  base_weights: Mapping[str, ArrayLike] | str | os.PathLike[str]) -> LoraAdapter:
         """Load a PEFT LoRA adapter directory onto base weights.
 
         Parameters
@@ -206,8 +256,12 @@ class LoraAdapter:
         base_weights : mapping or str or os.PathLike
             Base weights by module name (``layers.0.self_attn.q_proj``) or by
             state-dict key (``...q_proj.weight``, optionally prefixed with
-            ``model.`` or ``base_model.model.``); or the path of a
-            ``.safetensors`` file holding them.
+            ``model.`` or ``base_model.model.``); or where they are stored:
+            a ``.safetensors`` file, the ``model.safetensors.index.json`` of
+            a sharded checkpoint (``model-00001-of-00004.safetensors``, ...),
+            or a model directory holding either.  From files, only the
+            weights the adapter needs are read, one tensor at a time, and
+            only from the shards that hold them.
 
         Returns
         -------
@@ -226,7 +280,10 @@ class LoraAdapter:
             wrong type, missing, unpaired or duplicate tensors, a dtype that
             is not float16/bfloat16/float32/float64, shapes that do not fit,
             a rank that disagrees with the config, or two base weights for
-            one module.  The message names the file and the key.
+            one module; a shard index without a ``weight_map``, naming a
+            shard that does not exist or a tensor its shard does not hold; a
+            directory with no (or more than one set of) safetensors weights.
+            The message names the file and the key.
         LoraKeyError
             If no base weight matches an adapter module.
         LoraTypeError
@@ -239,7 +296,7 @@ class LoraAdapter:
 
         return load_peft(cls, path, base_weights)
 
-    def save_peft(self, path):
+    def save_peft(self, path: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``.
 
         PEFT's ``PeftModel.from_pretrained`` loads the result.  Factors are
@@ -247,14 +304,29 @@ class LoraAdapter:
         names and renamed into place, so a failed write leaves the directory
         as it was.
 
+        ``adapter_config.json`` gets the config's fields (``r``,
+        ``lora_alpha``, ..., ``base_model_name_or_path``, ``revision``,
+        ``task_type``), the layer names as ``target_modules``, and every
+        other entry of the file the adapter was loaded from
+        (``config.extra``), unchanged.  Set ``base_model_name_or_path`` (and
+        ``task_type``) for PEFT's ``AutoPeftModelForCausalLM.from_pretrained``
+        to find the base model::
+
+            adapter.config.base_model_name_or_path = "meta-llama/Llama-3.2-1B"
+            adapter.config.task_type = "CAUSAL_LM"
+            adapter.save_peft("my-adapter/")
+
         Raises
         ------
         LoraFormatError
             If the adapter has no layers.
         LoraConfigError
             If a layer's rank, alpha or rsLoRA setting no longer matches the
-            config (changed after the layer was added), or ``path`` exists
-            and is not a directory.
+            config (changed after the layer was added), a config field no
+            longer validates, or ``path`` exists and is not a directory.
+        LoraUnsupportedError
+            If ``config.extra`` turns on a feature numba_lora refuses on
+            reading (``use_dora``, ``modules_to_save``, ...).
         LoraTypeError
             If ``path`` is not a str or os.PathLike.
         OSError
@@ -265,7 +337,7 @@ class LoraAdapter:
 
         save_peft(self, path)
 
-    def __copy__(self):
+    def __copy__(self) -> LoraAdapter:
         # A shallow copy shares the layers but not the mapping: adding a
         # layer to the copy must not add it to the original.
         new = object.__new__(type(self))
@@ -273,8 +345,8 @@ class LoraAdapter:
         new._layers = dict(self._layers)
         return new
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         c = self.config
-        return (f"{type(self).__name__}({len(self)} layers, rank={c.rank}, alpha={c.alpha:g}, "
+        return (f"{type(self).__name__}({len(self)} layers, r={c.r}, lora_alpha={c.lora_alpha:g}, "
                 f"use_rslora={c.use_rslora})")
 

@@ -1,23 +1,28 @@
 """``LoraConfig``: the settings an adapter's layers share, as PEFT names them."""
 
+from __future__ import annotations
+
+import json
 import numbers
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from ._validate import check_alpha, check_rank
 from .errors import LoraConfigError
 
-__all__ = ["LoraConfig", "pattern_key", "check_field"]
+__all__ = ["LoraConfig", "pattern_key", "check_field", "ALIASES", "TASK_TYPES"]
 
 
 def _pattern_regex(key):
     return rf"(.*\.)?({key})$"
 
 
-def pattern_key(patterns, module_name):
+def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
     """The first key of ``patterns`` that matches the end of ``module_name``, or None.
 
     PEFT's rule for ``rank_pattern`` and ``alpha_pattern``: a key is a regular
@@ -94,80 +99,286 @@ def _check_patterns(what, check_value):
     return check
 
 
+def _check_optional_str(what):
+    def check(value):
+        if value is None:
+            return None
+        if isinstance(value, os.PathLike):  # a local base-model directory
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise LoraConfigError(f"{what} must be a string or None, got {type(value).__name__} {value!r}")
+        return value
+    return check
+
+
+#: PEFT's ``TaskType`` names; PEFT refuses a config with any other ``task_type``.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+
+
+def _check_task_type(value):
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in TASK_TYPES:
+        raise LoraConfigError(f"task_type must be None or one of PEFT's task types "
+                              f"{', '.join(TASK_TYPES)}; got {value!r}")
+    return value
+
+
+#: ``adapter_config.json`` keys that :meth:`LoraAdapter.save_peft` writes from
+#: the config's fields and the adapter's layers (never from ``extra``).
+OWNED_KEYS = frozenset({
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out",
+    "use_rslora", "rank_pattern", "alpha_pattern", "base_model_name_or_path", "revision",
+    "task_type", "inference_mode",
+})
+
+
+def _check_extra(extra):
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise LoraConfigError(f"extra must be a dict of adapter_config.json entries, got "
+                              f"{type(extra).__name__} {extra!r}")
+    extra = dict(extra)
+    for key in extra:
+        if not isinstance(key, str):
+            raise LoraConfigError(f"extra keys must be strings, got {key!r}")
+        if key in OWNED_KEYS:
+            raise LoraConfigError(
+                f"extra must not hold {key!r}: save_peft writes it from the config's fields "
+                "and the adapter's layers")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as exc:
+        raise LoraConfigError(f"extra must hold JSON values (it is written to "
+                              f"adapter_config.json): {exc}") from None
+    return extra
+
+
 _FIELD_CHECKS = {
-    "rank": check_rank,
-    "alpha": check_alpha,
-    "dropout": _check_dropout,
+    "r": check_rank,
+    "lora_alpha": check_alpha,
+    "lora_dropout": _check_dropout,
     "target_modules": _check_targets,
     "fan_in_fan_out": _check_bool("fan_in_fan_out"),
     "use_rslora": _check_bool("use_rslora"),
     "rank_pattern": _check_patterns("rank_pattern", check_rank),
     "alpha_pattern": _check_patterns("alpha_pattern", check_alpha),
+    "base_model_name_or_path": _check_optional_str("base_model_name_or_path"),
+    "revision": _check_optional_str("revision"),
+    "task_type": _check_task_type,
+    "extra": _check_extra,
 }
 
+#: numba_lora's earlier names for PEFT's: ``{alias: PEFT name}``.
+ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
-def check_field(name, value):
+
+def check_field(name: str, value: Any) -> Any:
     """``value`` checked and converted for :class:`LoraConfig` field ``name``.
+
+    ``name`` is a field (PEFT's name) or one of its aliases (``rank``,
+    ``alpha``, ``dropout``).
 
     Raises
     ------
     LoraConfigError
         If ``value`` does not fit the field; the message names the field.
     """
-    return _FIELD_CHECKS[name](value)
+    return _FIELD_CHECKS[ALIASES.get(name, name)](value)
 
 
-@dataclass
+class _Unset:
+    """Default of an argument that has a PEFT name and an alias: tells "not given" apart."""
+
+    def __repr__(self):
+        return "<PEFT's default>"
+
+
+_UNSET = _Unset()
+_DEFAULTS = {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0}
+
+
+@dataclass(init=False)
 class LoraConfig:
-    """Shared settings of an adapter's layers (PEFT's ``LoraConfig`` fields, our names).
+    """Shared settings of an adapter's layers, with PEFT's ``LoraConfig`` names and defaults.
 
     Parameters
     ----------
-    rank : int
-        Default rank (PEFT's ``r``), >= 1.
-    alpha : float
-        Default alpha (PEFT's ``lora_alpha``), finite and > 0.
-    dropout : float, optional
+    r : int, default 8
+        Default rank, >= 1.  Alias: ``rank``.
+    lora_alpha : float, default 8.0
+        Default alpha, finite and > 0.  Alias: ``alpha``.
+    lora_dropout : float, default 0.0
         Training-time dropout in [0, 1]; kept for round trips, never applied
-        (numba_lora does inference).
-    target_modules : tuple of str, optional
-        Module names the adapter targets, as PEFT records them.
-    fan_in_fan_out : bool, optional
+        (numba_lora does inference).  Alias: ``dropout``.
+    target_modules : str or sequence of str, optional
+        Module names the adapter targets, as PEFT records them; kept as a
+        tuple.
+    fan_in_fan_out : bool, default False
         Base weights are stored (in_features, out_features), as in GPT-2's
         ``Conv1D``; they are transposed on the way in.
-    use_rslora : bool, optional
+    use_rslora : bool, default False
         ``scaling = alpha / sqrt(rank)`` instead of ``alpha / rank``.
     rank_pattern, alpha_pattern : dict, optional
         Per-module overrides; keys are regular expressions matched against
         the end of the module name (see :func:`pattern_key`).
+    base_model_name_or_path : str or os.PathLike, optional
+        The base model, as PEFT records it: its Hugging Face name or local
+        directory.  ``AutoPeftModelForCausalLM.from_pretrained`` loads the
+        base from it.
+    revision : str, optional
+        The base model's revision (branch, tag or commit), as PEFT records it.
+    task_type : str, optional
+        PEFT's task type, one of :data:`TASK_TYPES` (``"CAUSAL_LM"``, ...).
+        ``AutoPeftModelFor<Task>`` loaders check it.
+    extra : dict, optional
+        The other entries of the ``adapter_config.json`` the config was read
+        from (``peft_version``, ``layers_to_transform``, ...), which
+        :meth:`LoraAdapter.save_peft` writes back unchanged.  Not compared by
+        ``==`` and not shown by ``repr``.
+    rank, alpha, dropout
+        numba_lora's earlier names for ``r``, ``lora_alpha`` and
+        ``lora_dropout`` (keyword only).  Giving both names of one setting
+        with different values raises :class:`~numba_lora.LoraConfigError`.
+        They are also properties: ``config.rank is config.r``.
+
+    Raises
+    ------
+    LoraConfigError
+        If a value does not fit its field (the message names the field), or
+        a setting is given twice with different values.
+
+    Examples
+    --------
+    >>> from numba_lora import LoraConfig
+    >>> config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    >>> config.r, config.rank, config.lora_alpha
+    (16, 16, 32.0)
+    >>> LoraConfig(rank=16, alpha=32) == LoraConfig(r=16, lora_alpha=32)
+    True
     """
 
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    target_modules: tuple = ()
-    fan_in_fan_out: bool = False
-    use_rslora: bool = False
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    fan_in_fan_out: bool
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    base_model_name_or_path: str | None
+    revision: str | None
+    task_type: str | None
+    extra: dict[str, Any] = field(compare=False, repr=False)
 
-    def __post_init__(self):
+    def __init__(
+        self,
+        r: int = _UNSET,
+        lora_alpha: float = _UNSET,
+        lora_dropout: float = _UNSET,
+        target_modules: str | Iterable[str] | None = (),
+        fan_in_fan_out: bool = False,
+        use_rslora: bool = False,
+        rank_pattern: Mapping[str, int] | None = None,
+        alpha_pattern: Mapping[str, float] | None = None,
+        *,
+        base_model_name_or_path: str | os.PathLike[str] | None = None,
+        revision: str | None = None,
+        task_type: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        rank: int = _UNSET,
+        alpha: float = _UNSET,
+        dropout: float = _UNSET,
+    ) -> None:
+        given = {"r": (r, rank), "lora_alpha": (lora_alpha, alpha),
+                 "lora_dropout": (lora_dropout, dropout)}
+        for (name, (peft_value, alias_value)), alias in zip(given.items(), ALIASES):
+            if peft_value is _UNSET and alias_value is _UNSET:
+                value = _DEFAULTS[name]
+            elif alias_value is _UNSET:
+                value = peft_value
+            elif peft_value is _UNSET:
+                value = alias_value
+            else:
+                # Both given: fine when they agree once checked (r=4, rank=np.int64(4)).
+                a, b = check_field(name, peft_value), check_field(name, alias_value)
+                if a != b:
+                    raise LoraConfigError(
+                        f"{name}={peft_value!r} and {alias}={alias_value!r} disagree: {alias} "
+                        f"is numba_lora's name for PEFT's {name}; give one of them")
+                value = a
+            setattr(self, name, value)
+        self.target_modules = target_modules
+        self.fan_in_fan_out = fan_in_fan_out
+        self.use_rslora = use_rslora
+        self.rank_pattern = rank_pattern
+        self.alpha_pattern = alpha_pattern
+        self.base_model_name_or_path = base_model_name_or_path
+        self.revision = revision
+        self.task_type = task_type
+        self.extra = extra
         self.validate()
 
-    def validate(self):
-        """Check every field; raise :class:`~numba_lora.LoraConfigError` naming the bad one."""
+    # numba_lora's earlier names, kept as aliases of PEFT's.
+    @property
+    def rank(self) -> int:
+        """int: Alias of :attr:`r`."""
+        return self.r
+
+    @rank.setter
+    def rank(self, value):
+        self.r = value
+
+    @property
+    def alpha(self) -> float:
+        """float: Alias of :attr:`lora_alpha`."""
+        return self.lora_alpha
+
+    @alpha.setter
+    def alpha(self, value):
+        self.lora_alpha = value
+
+    @property
+    def dropout(self) -> float:
+        """float: Alias of :attr:`lora_dropout`."""
+        return self.lora_dropout
+
+    @dropout.setter
+    def dropout(self, value):
+        self.lora_dropout = value
+
+    def __setstate__(self, state):
+        # Configs pickled before the PEFT names: rank/alpha/dropout fields,
+        # and none of the newer fields.
+        state = dict(state)
+        for alias, name in ALIASES.items():
+            if alias in state:
+                state[name] = state.pop(alias)
+        for name in ("base_model_name_or_path", "revision", "task_type"):
+            state.setdefault(name, None)
+        state.setdefault("extra", {})
+        self.__dict__.update(state)
+
+    def validate(self) -> LoraConfig:
+        """Check every field; raise :class:`~numba_lora.LoraConfigError` naming the bad one.
+
+        Returns the config itself, its fields converted (a list of target
+        modules becomes a tuple, NumPy scalars Python numbers, ...).
+        """
         # All checked before any is written back: a refusal changes nothing.
         checked = {f.name: check_field(f.name, getattr(self, f.name)) for f in fields(self)}
         for name, value in checked.items():
             setattr(self, name, value)
         return self
 
-    def rank_for(self, module_name):
-        """The rank of ``module_name``: its ``rank_pattern`` entry, else ``rank``."""
+    def rank_for(self, module_name: str) -> int:
+        """The rank of ``module_name``: its ``rank_pattern`` entry, else ``r``."""
         key = pattern_key(self.rank_pattern, module_name)
-        return self.rank if key is None else self.rank_pattern[key]
+        return self.r if key is None else self.rank_pattern[key]
 
-    def alpha_for(self, module_name):
-        """The alpha of ``module_name``: its ``alpha_pattern`` entry, else ``alpha``."""
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of ``module_name``: its ``alpha_pattern`` entry, else ``lora_alpha``."""
         key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha if key is None else self.alpha_pattern[key]
+        return self.lora_alpha if key is None else self.alpha_pattern[key]

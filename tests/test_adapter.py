@@ -34,16 +34,16 @@ from numba_lora.config import pattern_key
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rank=0, alpha=1.0), "rank must be an integer >= 1, got 0"),
-        (dict(rank=4, alpha=0.0), "alpha must be a finite real number > 0, got 0.0"),
-        (dict(rank=4, alpha=float("nan")), "got nan"),
-        (dict(rank=4, alpha=1.0, dropout=1.5), r"dropout must be a number in \[0, 1\], got 1.5"),
-        (dict(rank=4, alpha=1.0, dropout=-0.1), "got -0.1"),
-        (dict(rank=4, alpha=1.0, dropout=float("nan")), "got nan"),
-        (dict(rank=4, alpha=1.0, rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]: rank must be"),
-        (dict(rank=4, alpha=1.0, alpha_pattern={"v": -2}), r"alpha_pattern\['v'\]: alpha must be"),
-        (dict(rank=4, alpha=1.0, rank_pattern={"(": 2}), "not a valid regular expression"),
-        (dict(rank=4, alpha=1.0, target_modules=[1]), "target_modules must hold strings"),
+        (dict(r=0, lora_alpha=1.0), "rank must be an integer >= 1, got 0"),
+        (dict(r=4, lora_alpha=0.0), "alpha must be a finite real number > 0, got 0.0"),
+        (dict(r=4, lora_alpha=float("nan")), "got nan"),
+        (dict(r=4, lora_alpha=1.0, lora_dropout=1.5), r"dropout must be a number in \[0, 1\], got 1.5"),
+        (dict(r=4, lora_alpha=1.0, lora_dropout=-0.1), "got -0.1"),
+        (dict(r=4, lora_alpha=1.0, lora_dropout=float("nan")), "got nan"),
+        (dict(r=4, lora_alpha=1.0, rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]: rank must be"),
+        (dict(r=4, lora_alpha=1.0, alpha_pattern={"v": -2}), r"alpha_pattern\['v'\]: alpha must be"),
+        (dict(r=4, lora_alpha=1.0, rank_pattern={"(": 2}), "not a valid regular expression"),
+        (dict(r=4, lora_alpha=1.0, target_modules=[1]), "target_modules must hold strings"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -69,11 +69,11 @@ def test_config_validation(kwargs, match):
         (dict(target_modules={"q": 1}), "target_modules must be a string or a sequence"),
         (dict(fan_in_fan_out="false"), "fan_in_fan_out must be True or False, got str"),
         (dict(use_rslora=None), "use_rslora must be True or False"),
-        (dict(dropout="0.1"), "dropout must be a number"),
-        (dict(dropout=10**400), "dropout must be a number"),
-        (dict(alpha=10**400), "alpha must be a finite real number"),
-        (dict(rank=2.0), "rank must be an integer"),
-        (dict(rank=None), "rank must be an integer"),
+        (dict(lora_dropout="0.1"), "dropout must be a number"),
+        (dict(lora_dropout=10**400), "dropout must be a number"),
+        (dict(lora_alpha=10**400), "alpha must be a finite real number"),
+        (dict(r=2.0), "rank must be an integer"),
+        (dict(r=None), "rank must be an integer"),
     ],
 )
 def test_config_wrong_types_are_config_errors(kwargs, match):
@@ -84,26 +84,26 @@ def test_config_wrong_types_are_config_errors(kwargs, match):
 
 
 def test_config_accepts_what_peft_writes():
-    config = LoraConfig(rank=np.int64(4), alpha=np.float32(8), target_modules=None,
+    config = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8), target_modules=None,
                         rank_pattern=None, alpha_pattern=None, use_rslora=np.bool_(True))
-    assert (config.rank, config.alpha, config.target_modules) == (4, 8.0, ())
+    assert (config.r, config.lora_alpha, config.target_modules) == (4, 8.0, ())
     assert config.rank_pattern == {} and config.use_rslora is True
-    assert LoraConfig(rank=2, alpha=1, target_modules="q|v").target_modules == ("q|v",)
-    assert LoraConfig(rank=2, alpha=1, target_modules=["q", "v"]).target_modules == ("q", "v")
+    assert LoraConfig(r=2, lora_alpha=1, target_modules="q|v").target_modules == ("q|v",)
+    assert LoraConfig(r=2, lora_alpha=1, target_modules=["q", "v"]).target_modules == ("q", "v")
 
 
 def test_config_refused_validate_changes_nothing():
-    config = LoraConfig(rank=4, alpha=8, rank_pattern={"q": 2})
-    config.alpha = 16
+    config = LoraConfig(r=4, lora_alpha=8, rank_pattern={"q": 2})
+    config.lora_alpha = 16
     config.rank_pattern = [("q", 2)]
     with pytest.raises(LoraConfigError, match="rank_pattern"):
         config.validate()
-    assert config.alpha == 16 and config.rank_pattern == [("q", 2)]
+    assert config.lora_alpha == 16 and config.rank_pattern == [("q", 2)]
 
 
 @pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, lambda c: pickle.loads(pickle.dumps(c))])
 def test_config_pickles_and_copies(copier):
-    config = LoraConfig(rank=4, alpha=8, dropout=0.1, target_modules=("q", "v"), fan_in_fan_out=True,
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q", "v"), fan_in_fan_out=True,
                         use_rslora=True, rank_pattern={"q": 2}, alpha_pattern={"v": 3.0})
     other = copier(config)
     assert other == config and other is not config
@@ -113,8 +113,8 @@ def test_config_pickles_and_copies(copier):
 
 
 def test_config_validate_after_change():
-    config = LoraConfig(rank=4, alpha=8)
-    config.dropout = 2.0
+    config = LoraConfig(r=4, lora_alpha=8)
+    config.lora_dropout = 2.0
     with pytest.raises(LoraConfigError, match="dropout"):
         config.validate()
 
@@ -127,14 +127,14 @@ def test_pattern_matching_follows_peft():
     assert pattern_key(patterns, "model.layers.1.v_proj") == r"layers\.1\.v_proj"
     assert pattern_key(patterns, "model.layers.11.v_proj") is None
     assert pattern_key(patterns, "model.mlp.fc1") == "mlp.*"
-    config = LoraConfig(rank=8, alpha=16, rank_pattern={"fc": 2}, alpha_pattern={"fc": 3.0})
+    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={"fc": 2}, alpha_pattern={"fc": 3.0})
     assert (config.rank_for("layers.0.fc"), config.alpha_for("layers.0.fc")) == (2, 3.0)
     assert (config.rank_for("layers.0.q"), config.alpha_for("layers.0.q")) == (8, 16.0)
 
 
 # ----------------------------------------------------------------- adapter
 def make_adapter(rng, dtype=np.float32, **config):
-    adapter = LoraAdapter(LoraConfig(rank=config.pop("rank", 4), alpha=config.pop("alpha", 8), **config))
+    adapter = LoraAdapter(LoraConfig(r=config.pop("r", 4), lora_alpha=config.pop("lora_alpha", 8), **config))
     for name, shape in (("layers.0.q_proj", (24, 16)), ("layers.0.v_proj", (16, 16)),
                         ("layers.1.fc", (32, 16))):
         layer = adapter.add_layer(name, rng.standard_normal(shape).astype(dtype), seed=1)
@@ -143,7 +143,7 @@ def make_adapter(rng, dtype=np.float32, **config):
 
 
 def test_totals_example():
-    adapter = LoraAdapter(LoraConfig(rank=8, alpha=16))
+    adapter = LoraAdapter(LoraConfig(r=8, lora_alpha=16))
     assert adapter.overall_compression_ratio == 0.0
     assert adapter.summary() == AdapterSummary(0, 0, 0, 0.0, 8, 16.0)
     adapter.add_layer("a", np.zeros((64, 32)))
@@ -235,7 +235,7 @@ def test_checked_merge_all_refuses_before_touching_any_layer(rng):
 
 
 def test_fan_in_fan_out_transposes_base_weights(rng):
-    adapter = LoraAdapter(LoraConfig(rank=2, alpha=4, fan_in_fan_out=True))
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=4, fan_in_fan_out=True))
     W_conv1d = rng.standard_normal((16, 24))  # (in, out), as GPT-2's Conv1D stores it
     layer = adapter.add_layer("c_attn", W_conv1d)
     assert (layer.in_features, layer.out_features) == (16, 24)
@@ -376,7 +376,7 @@ def test_missing_files(tmp_path):
 
 def test_save_empty_adapter_is_refused(tmp_path):
     with pytest.raises(LoraFormatError, match="no layers"):
-        LoraAdapter(LoraConfig(rank=2, alpha=4)).save_peft(tmp_path)
+        LoraAdapter(LoraConfig(r=2, lora_alpha=4)).save_peft(tmp_path)
 
 
 # ------------------------------------------------ adapter_config.json contents
@@ -506,8 +506,10 @@ def test_bad_base_weights(tmp_path, base, error, match):
 
 def test_base_weights_path_problems(tmp_path):
     adapter_dir = write_adapter(tmp_path / "a")
-    with pytest.raises(LoraFormatError, match="is a directory, not a safetensors file"):
-        LoraAdapter.from_peft(adapter_dir, tmp_path)
+    # A directory is a model directory: it must hold one set of safetensors weights.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraFormatError, match=r"empty holds no safetensors weights"):
+        LoraAdapter.from_peft(adapter_dir, tmp_path / "empty")
     with pytest.raises(LoraFormatError, match="does not exist"):
         LoraAdapter.from_peft(adapter_dir, tmp_path / "nope.safetensors")
     save_file({"layers.0.q.weight": np.ones((5, 6), np.int32)}, str(tmp_path / "int.safetensors"))
@@ -550,7 +552,7 @@ def test_from_peft_path_must_be_a_path(path):
 
 
 def test_layer_order_survives_a_round_trip(tmp_path, rng):
-    adapter = LoraAdapter(LoraConfig(rank=2, alpha=4))
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=4))
     names = ["z.last", "a.first", "m.middle"]
     for name in names:
         adapter.add_layer(name, rng.standard_normal((4, 3)))
@@ -582,7 +584,7 @@ def test_layer_order_survives_a_round_trip(tmp_path, rng):
     ],
 )
 def test_names_save_peft_cannot_round_trip_are_refused(name, match):
-    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=1))
     adapter.add_layer("kept", np.ones((2, 2)))
     with pytest.raises(LoraConfigError, match=match):
         adapter.add_layer(name, np.ones((2, 2)))
@@ -591,7 +593,7 @@ def test_names_save_peft_cannot_round_trip_are_refused(name, match):
 
 @pytest.mark.parametrize("name", [5, None, b"q", ("q",)])
 def test_non_string_names_are_type_errors(name):
-    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=1))
     with pytest.raises(LoraTypeError, match="layer name must be a str"):
         adapter.add_layer(name, np.ones((2, 2)))
     assert len(adapter) == 0
@@ -600,7 +602,7 @@ def test_non_string_names_are_type_errors(name):
 @pytest.mark.parametrize("first, second", [("x", "model.x"), ("model.x", "x"),
                                            ("model.x", "model.model.x"), ("model.model.x", "model.x")])
 def test_names_that_share_a_base_weight_are_refused(first, second):
-    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=1))
     adapter.add_layer(first, np.ones((2, 2)))
     with pytest.raises(LoraConfigError, match=f"clashes with layer '{first}'"):
         adapter.add_layer(second, np.ones((2, 2)))
@@ -619,7 +621,7 @@ _NAMES = st.lists(_COMPONENTS, min_size=1, max_size=5).map(".".join)
 @given(names=st.lists(_NAMES, min_size=1, max_size=6), seed=st.integers(0, 2**32 - 1))
 def test_every_accepted_name_survives_save_and_load(names, seed):
     rng = np.random.default_rng(seed)
-    adapter = LoraAdapter(LoraConfig(rank=2, alpha=3, rank_pattern={"q_proj": 1}))
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=3, rank_pattern={"q_proj": 1}))
     for name in names:
         try:
             layer = adapter.add_layer(name, rng.standard_normal((3, 4)).astype(np.float32))
@@ -672,7 +674,7 @@ def test_a_failed_save_leaves_no_files(tmp_path, rng, monkeypatch):
 @pytest.mark.parametrize("fail_on", ["adapter_model.safetensors", "adapter_config.json"])
 def test_a_failed_rename_restores_the_directory(tmp_path, rng, monkeypatch, fail_on):
     adapter = make_adapter(rng)
-    make_adapter(rng, rank=2).save_peft(tmp_path / "old")
+    make_adapter(rng, r=2).save_peft(tmp_path / "old")
     before = snapshot(tmp_path)
     real_replace = os.replace
 
@@ -691,7 +693,7 @@ def test_a_failed_rename_restores_the_directory(tmp_path, rng, monkeypatch, fail
 
 def test_save_refuses_a_config_changed_after_the_layers(tmp_path, rng):
     adapter = make_adapter(rng)
-    adapter.config.alpha = 99.0
+    adapter.config.lora_alpha = 99.0
     with pytest.raises(LoraConfigError, match=r"layer 'layers.0.q_proj' has \(rank, alpha, use_rslora\)"):
         adapter.save_peft(tmp_path / "a")
     assert not (tmp_path / "a").exists()
@@ -749,7 +751,7 @@ def test_adapter_shallow_copy_has_its_own_mapping(rng):
 def test_adapter_constructor_and_seed_types():
     with pytest.raises(LoraTypeError, match="config must be a LoraConfig, got dict"):
         LoraAdapter({"rank": 4, "alpha": 8})
-    adapter = LoraAdapter(LoraConfig(rank=1, alpha=1))
+    adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=1))
     with pytest.raises(LoraTypeError, match="seed must be"):
         adapter.add_layer("x", np.ones((2, 2)), seed="abc")
     with pytest.raises(LoraConfigError, match="seed -1 is out of range"):

@@ -44,7 +44,7 @@ OBJECTS = np.array([[1.0, None]] * 5, dtype=object)
 @pytest.fixture
 def world(tmp_path):
     rng = np.random.default_rng(0)
-    adapter = LoraAdapter(LoraConfig(rank=2, alpha=4))
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=4))
     for name in ("layers.0.q", "layers.0.v"):
         layer = adapter.add_layer(name, rng.standard_normal((5, 6)), seed=1)
         layer.lora_b = rng.standard_normal((5, 2))
@@ -104,16 +104,16 @@ B = "base_model.model.layers.0.q.lora_B.weight"
 # (id, call, LoraError subclass, built-in base)
 CASES = [
     # ---- LoraConfig
-    ("config-rank-list", lambda w: LoraConfig(rank=[2], alpha=1), LoraConfigError, ValueError),
-    ("config-rank-pattern-list", lambda w: LoraConfig(rank=2, alpha=1, rank_pattern=[("q", 1)]),
+    ("config-rank-list", lambda w: LoraConfig(r=[2], lora_alpha=1), LoraConfigError, ValueError),
+    ("config-rank-pattern-list", lambda w: LoraConfig(r=2, lora_alpha=1, rank_pattern=[("q", 1)]),
      LoraConfigError, ValueError),
-    ("config-rank-pattern-str", lambda w: LoraConfig(rank=2, alpha=1, rank_pattern="q"),
+    ("config-rank-pattern-str", lambda w: LoraConfig(r=2, lora_alpha=1, rank_pattern="q"),
      LoraConfigError, ValueError),
-    ("config-alpha-pattern-nested", lambda w: LoraConfig(rank=2, alpha=1, alpha_pattern={"q": {}}),
+    ("config-alpha-pattern-nested", lambda w: LoraConfig(r=2, lora_alpha=1, alpha_pattern={"q": {}}),
      LoraConfigError, ValueError),
-    ("config-targets-int", lambda w: LoraConfig(rank=2, alpha=1, target_modules=3),
+    ("config-targets-int", lambda w: LoraConfig(r=2, lora_alpha=1, target_modules=3),
      LoraConfigError, ValueError),
-    ("config-targets-non-str", lambda w: LoraConfig(rank=2, alpha=1, target_modules=["q", None]),
+    ("config-targets-non-str", lambda w: LoraConfig(r=2, lora_alpha=1, target_modules=["q", None]),
      LoraConfigError, ValueError),
     ("config-validate-mutated", lambda w: _mutated_config().validate(), LoraConfigError, ValueError),
     # ---- LoraAdapter
@@ -159,7 +159,7 @@ CASES = [
      ValueError),
     ("from-peft-path-nul", lambda w: LoraAdapter.from_peft("a\x00b", w.base), LoraConfigError,
      ValueError),
-    ("save-empty", lambda w: LoraAdapter(LoraConfig(rank=1, alpha=1)).save_peft(w.tmp / "e"),
+    ("save-empty", lambda w: LoraAdapter(LoraConfig(r=1, lora_alpha=1)).save_peft(w.tmp / "e"),
      LoraFormatError, ValueError),
     # ---- from_peft: base weights
     ("base-list", lambda w: LoraAdapter.from_peft(w.good, list(w.base.values())), LoraTypeError,
@@ -274,7 +274,7 @@ def _aliased():
 
 
 def _mutated_config():
-    config = LoraConfig(rank=2, alpha=1)
+    config = LoraConfig(r=2, lora_alpha=1)
     config.rank_pattern = 5
     return config
 

@@ -179,7 +179,7 @@ def test_adding_and_removing_adapters(rng):
 
 
 def test_adapters_from_a_lora_adapter(rng):
-    adapter = LoraAdapter(LoraConfig(rank=4, alpha=8))
+    adapter = LoraAdapter(LoraConfig(r=4, lora_alpha=8))
     W = rng.standard_normal((12, 6)).astype(np.float32)
     layer = adapter.add_layer("q_proj", W)
     layer.lora_b = rng.standard_normal((12, 4))

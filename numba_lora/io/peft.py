@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .._validate import as_array
-from ..config import LoraConfig, check_field
+from ..config import OWNED_KEYS, LoraConfig, check_field
 from ..errors import (
     LoraConfigError,
     LoraDtypeError,
@@ -26,7 +26,7 @@ from ..errors import (
     LoraTypeError,
     LoraUnsupportedError,
 )
-from .safetensors import SafetensorsFile, as_path
+from .safetensors import SafetensorsFile, as_path, open_weights
 
 __all__ = ["load_peft", "save_peft", "check_module_name", "module_aliases",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -69,18 +69,32 @@ _UNSUPPORTED_TENSORS = (
 # safetensors dtypes a LoRA factor or a base weight may have.
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
-# adapter_config.json keys read into LoraConfig: (field, JSON key, required).
-# A JSON null counts as absent: PEFT writes null for unset optional entries.
+# adapter_config.json keys read into LoraConfig fields of the same name:
+# (key, required).  A JSON null counts as absent: PEFT writes null for unset
+# optional entries.  Every other key goes, as it is, into LoraConfig.extra,
+# and save_peft writes it back.
 _CONFIG_FIELDS = (
-    ("rank", "r", True),
-    ("alpha", "lora_alpha", True),
-    ("dropout", "lora_dropout", False),
-    ("target_modules", "target_modules", False),
-    ("fan_in_fan_out", "fan_in_fan_out", False),
-    ("use_rslora", "use_rslora", False),
-    ("rank_pattern", "rank_pattern", False),
-    ("alpha_pattern", "alpha_pattern", False),
+    ("r", True),
+    ("lora_alpha", True),
+    ("lora_dropout", False),
+    ("target_modules", False),
+    ("fan_in_fan_out", False),
+    ("use_rslora", False),
+    ("rank_pattern", False),
+    ("alpha_pattern", False),
+    ("base_model_name_or_path", False),
+    ("revision", False),
+    ("task_type", False),
 )
+
+# What save_peft writes for PEFT's keys that neither the config's fields nor
+# its extra entries give: the values that mean plain LoRA.
+_SAVE_DEFAULTS = {
+    "bias": "none",
+    "use_dora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+}
 
 
 # ------------------------------------------------------------------- names
@@ -164,7 +178,7 @@ def _read_config(path):
                 f"{CONFIG_NAME} sets {key}={raw[key]!r}: {what} is not supported by numba_lora"
             )
     kwargs = {}
-    for field, key, required in _CONFIG_FIELDS:
+    for key, required in _CONFIG_FIELDS:
         value = raw.get(key)
         if value is None:
             if required:
@@ -172,9 +186,10 @@ def _read_config(path):
                                       else f"{config_path}: {key!r} is null")
             continue
         try:
-            kwargs[field] = check_field(field, value)
+            kwargs[key] = check_field(key, value)
         except LoraConfigError as exc:
             raise LoraFormatError(f"{config_path}: {key!r}: {exc}") from None
+    kwargs["extra"] = {key: value for key, value in raw.items() if key not in OWNED_KEYS}
     return LoraConfig(**kwargs)
 
 
@@ -229,7 +244,7 @@ def _check_float(file, key, what):
     dtype = file.dtype(key)
     if dtype not in _FLOAT_DTYPES:
         raise LoraFormatError(
-            f"{file.path}: tensor {key!r} has dtype {dtype}; {what} must be floating point "
+            f"{file.file_of(key)}: tensor {key!r} has dtype {dtype}; {what} must be floating point "
             f"({', '.join(_FLOAT_DTYPES)})"
         )
 
@@ -248,7 +263,7 @@ class _BaseWeights:
 
     def __init__(self, base_weights):
         if isinstance(base_weights, (str, os.PathLike)):
-            self._file = SafetensorsFile(base_weights)
+            self._file = open_weights(base_weights)
             keys = self._file.keys()
         elif isinstance(base_weights, Mapping):
             self._file = None
@@ -256,8 +271,9 @@ class _BaseWeights:
             keys = list(base_weights)
         else:
             raise LoraTypeError(
-                "base_weights must be a mapping {name: array} or the path of a .safetensors "
-                f"file, got {type(base_weights).__name__}"
+                "base_weights must be a mapping {name: array}, or the path of a .safetensors "
+                "file, a safetensors index or a model directory, got "
+                f"{type(base_weights).__name__}"
             )
         self._lookup = {}
         for key in keys:
@@ -356,6 +372,11 @@ def _check_savable(adapter):
     if len(adapter) == 0:
         raise LoraFormatError("cannot save an adapter with no layers")
     config = adapter.config.validate()
+    for key, in_use, what in _UNSUPPORTED_CONFIG:
+        if key in config.extra and in_use(config.extra[key]):
+            raise LoraUnsupportedError(
+                f"config.extra sets {key}={config.extra[key]!r}: {what} is not supported by "
+                "numba_lora, and the saved adapter would not load back")
     for name, layer in adapter.items():
         check_module_name(name)
         # The file records the config, not each layer: a config changed after
@@ -391,25 +412,26 @@ def save_peft(adapter, path):
     # (a list matches name suffixes, a string is a regex): the full module
     # names match exactly the modules saved here.
     targets = adapter.layer_names
-    payload = {
+    # The entries of the file the config was read from (config.extra) are
+    # written back as they were; numba_lora's own overwrite them.  Sorted
+    # keys, as PEFT writes them.
+    payload = {**_SAVE_DEFAULTS, **config.extra}
+    payload.update({
         "peft_type": "LORA",
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
         "target_modules": targets,
         "fan_in_fan_out": config.fan_in_fan_out,
         "use_rslora": config.use_rslora,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "bias": "none",
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
         "inference_mode": True,
-        "task_type": None,
-        "base_model_name_or_path": None,
-    }
-    text = json.dumps(payload, indent=2) + "\n"
+        "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": config.revision,
+    })
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
     if path.exists() and not path.is_dir():
         raise LoraConfigError(f"cannot save the adapter to {path}: it exists and is not a directory")
     created = []  # directories this call makes, deepest first

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import LoraConfigError, LoraFormatError, LoraTypeError
 
-__all__ = ["SafetensorsFile", "read_safetensors"]
+__all__ = ["SafetensorsFile", "ShardedSafetensors", "open_weights", "read_index",
+           "read_safetensors"]
 
 # safetensors dtype names NumPy reads directly; stored little-endian.
 _NUMPY_DTYPES = {
@@ -149,6 +150,10 @@ class SafetensorsFile:
                 f"need {math.prod(shape) * itemsize}", key)
         return dtype, tuple(shape), start, stop
 
+    def file_of(self, key):
+        """The file that holds tensor ``key``: this one (as for a sharded checkpoint)."""
+        return self.path
+
     def keys(self):
         """The tensor names, in header order (``__metadata__`` left out)."""
         return list(self._entries)
@@ -213,3 +218,169 @@ def read_safetensors(path):
     """
     file = SafetensorsFile(path)
     return file.read_many(file.keys())
+
+
+# ------------------------------------------------------------- sharded checkpoints
+#: The suffix of a Hugging Face checkpoint's shard index (``model.safetensors.index.json``).
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _plain_name(name):
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\x00" not in name and ":" not in name
+            and not os.path.isabs(name))
+
+
+def read_index(path):
+    """The ``weight_map`` ``{tensor name: shard file name}`` of a safetensors index file.
+
+    Hugging Face writes one beside the shards of a checkpoint too large for
+    one file (``model.safetensors.index.json`` naming
+    ``model-00001-of-00002.safetensors``, ...).
+
+    Raises
+    ------
+    LoraFormatError
+        If the file is missing, not UTF-8 JSON, has no ``weight_map`` object,
+        or maps a tensor to something that is not a plain file name in the
+        index's directory; the message names the file and the tensor.
+    """
+    path = as_path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path} does not exist (expected a safetensors index file)")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise LoraFormatError(f"{path} is not UTF-8 text: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise LoraFormatError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
+        raise LoraFormatError(f"{path} must hold a JSON object with a 'weight_map' object")
+    weight_map = raw["weight_map"]
+    if not weight_map:
+        raise LoraFormatError(f"{path}: 'weight_map' is empty")
+    for key, shard in weight_map.items():
+        if not _plain_name(shard):
+            raise LoraFormatError(f"{path}: tensor {key!r} maps to {shard!r}, which is not a "
+                                  "plain file name in the index's directory")
+    return dict(weight_map)
+
+
+class ShardedSafetensors:
+    """A sharded safetensors checkpoint, through its index; read like one :class:`SafetensorsFile`.
+
+    Only the index is read here.  A shard's header is read the first time
+    one of its tensors is asked for, and each tensor is read on its own
+    (a seek and a read), so loading an adapter touches only the shards and
+    bytes of the weights it adapts.
+
+    Parameters
+    ----------
+    index : str or os.PathLike
+        The index file (``model.safetensors.index.json``); shard names are
+        relative to its directory.
+
+    Raises
+    ------
+    LoraFormatError
+        For a malformed index (see :func:`read_index`); later, from the
+        methods, for a missing or malformed shard, or a shard that does not
+        hold a tensor the index places in it.  Messages name the file and
+        the tensor.
+    """
+
+    def __init__(self, index):
+        self.path = as_path(index)
+        self._weight_map = read_index(self.path)
+        self._shards = {}
+
+    def _shard(self, key):
+        name = self._weight_map[key]
+        shard = self._shards.get(name)
+        if shard is None:
+            shard_path = self.path.parent / name
+            if not shard_path.is_file():
+                raise LoraFormatError(f"{self.path} places tensor {key!r} in shard {name!r}, "
+                                      f"which does not exist ({shard_path})")
+            shard = self._shards[name] = SafetensorsFile(shard_path)
+        if key not in shard:
+            raise LoraFormatError(f"{self.path} places tensor {key!r} in {shard.path}, which "
+                                  "does not hold it")
+        return shard
+
+    def keys(self):
+        """The tensor names, in the index's order."""
+        return list(self._weight_map)
+
+    def __contains__(self, key):
+        return key in self._weight_map
+
+    def __len__(self):
+        return len(self._weight_map)
+
+    def file_of(self, key):
+        """The path of the shard the index places tensor ``key`` in."""
+        return self.path.parent / self._weight_map[key]
+
+    def dtype(self, key):
+        """The tensor's safetensors dtype name, from its shard's header."""
+        return self._shard(key).dtype(key)
+
+    def shape(self, key):
+        """The tensor's shape, from its shard's header."""
+        return self._shard(key).shape(key)
+
+    def read(self, key):
+        """Tensor ``key``, read from its shard alone; see :meth:`SafetensorsFile.read`."""
+        return self._shard(key).read(key)
+
+    def read_many(self, keys):
+        """``{key: array}`` for ``keys``, each shard opened once."""
+        by_shard = {}
+        for key in keys:
+            by_shard.setdefault(self._weight_map[key], []).append(key)
+        result = {}
+        for names in by_shard.values():
+            shard = self._shard(names[0])
+            for key in names[1:]:
+                self._shard(key)  # checks the shard holds it
+            result.update(shard.read_many(names))
+        return {key: result[key] for key in keys}
+
+
+def open_weights(path):
+    """The weights at ``path``, lazily: a :class:`SafetensorsFile` or a :class:`ShardedSafetensors`.
+
+    ``path`` is a ``.safetensors`` file, a ``*.safetensors.index.json``
+    index of a sharded checkpoint, or a directory holding one of them (a
+    Hugging Face model directory: ``model.safetensors``, or
+    ``model.safetensors.index.json`` with its ``model-0000k-of-0000n``
+    shards).
+
+    Raises
+    ------
+    LoraFormatError
+        If a directory holds no safetensors weights, or more than one set of
+        them (two index files, or several ``.safetensors`` files and no
+        index); or the file is malformed.
+    """
+    path = as_path(path)
+    if path.is_dir():
+        names = sorted(entry.name for entry in os.scandir(path))
+        indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+        if len(indexes) > 1:
+            raise LoraFormatError(f"{path} holds {len(indexes)} safetensors index files "
+                                  f"({', '.join(indexes)}); pass the one to use")
+        if indexes:
+            return ShardedSafetensors(path / indexes[0])
+        singles = [n for n in names if n.endswith(".safetensors")]
+        if len(singles) != 1:
+            raise LoraFormatError(
+                f"{path} holds no safetensors weights (no *{INDEX_SUFFIX}, no .safetensors file)"
+                if not singles else
+                f"{path} holds {len(singles)} .safetensors files ({', '.join(singles[:4])}"
+                f"{', ...' if len(singles) > 4 else ''}) and no index naming them as shards")
+        return SafetensorsFile(path / singles[0])
+    if path.name.endswith(INDEX_SUFFIX):
+        return ShardedSafetensors(path)
+    return SafetensorsFile(path)
