@@ -119,7 +119,7 @@ def cache_dirs():
     return sorted(found)
 
 
-def clear_cache():
+def clear_cache() -> int:
     """Delete numba_lora's cached machine code (``*.nbi`` and ``*.nbc`` files).
 
     Looks where Numba really keeps it: ``NUMBA_CACHE_DIR`` when set, else

@@ -1,5 +1,7 @@
 """One thread count for everything numba_lora runs."""
 
+from __future__ import annotations
+
 import numba
 
 from ._validate import check_thread_count
@@ -8,7 +10,7 @@ from .kernels._blas import blas_threads, set_blas_threads
 __all__ = ["set_num_threads", "get_num_threads"]
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> int:
     """Use ``n`` threads in Numba and in the BLAS the kernels call.
 
     ``forward``, ``forward_batch``, ``merge`` and ``unmerge`` run on the BLAS
@@ -35,6 +37,6 @@ def set_num_threads(n):
     return previous
 
 
-def get_num_threads():
+def get_num_threads() -> tuple[int, int | None]:
     """(Numba threads, BLAS threads) in use; BLAS is None where it cannot be read."""
     return numba.get_num_threads(), blas_threads()

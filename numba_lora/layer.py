@@ -4,9 +4,14 @@ The class holds state, validation and dtype/shape policy; every piece of
 arithmetic is one call into :mod:`numba_lora.kernels`.
 """
 
+from __future__ import annotations
+
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import kernels
 from ._base import FrozenWeight, readonly
@@ -87,7 +92,8 @@ class LoraLinear(FrozenWeight):
     (16, 32)
     """
 
-    def __init__(self, weight, rank, alpha, *, seed=None, use_rslora=False):
+    def __init__(self, weight: ArrayLike, rank: int, alpha: float, *,
+                 seed: int | np.random.Generator | None = None, use_rslora: bool = False) -> None:
         rank = check_rank(rank)
         alpha = check_alpha(alpha)
         checked = checked_weight(weight)
@@ -125,45 +131,45 @@ class LoraLinear(FrozenWeight):
 
     # ------------------------------------------------------------------ shape
     @property
-    def rank(self):
+    def rank(self) -> int:
         """int: Rank of the low-rank update."""
         return self._rank
 
     @property
-    def alpha(self):
+    def alpha(self) -> float:
         """float: LoRA alpha."""
         return self._alpha
 
     @property
-    def use_rslora(self):
+    def use_rslora(self) -> bool:
         """bool: Whether ``scaling = alpha / sqrt(rank)``."""
         return self._use_rslora
 
     @property
-    def scaling(self):
+    def scaling(self) -> float:
         """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
         return self._scaling
 
     # ------------------------------------------------------------- parameters
     @property
-    def lora_a(self):
+    def lora_a(self) -> NDArray[np.floating]:
         """ndarray: Read-only view of A, shape (rank, in_features)."""
         return readonly(self._A)
 
     @lora_a.setter
-    def lora_a(self, value):
+    def lora_a(self, value: ArrayLike) -> None:
         self.set_lora_a(value)
 
     @property
-    def lora_b(self):
+    def lora_b(self) -> NDArray[np.floating]:
         """ndarray: Read-only view of B, shape (out_features, rank)."""
         return readonly(self._B)
 
     @lora_b.setter
-    def lora_b(self, value):
+    def lora_b(self, value: ArrayLike) -> None:
         self.set_lora_b(value)
 
-    def set_lora_a(self, a):
+    def set_lora_a(self, a: ArrayLike) -> None:
         """Replace A with a copy of ``a``, shape (rank, in_features).
 
         Real input of another dtype is converted to the layer's dtype.  While
@@ -181,7 +187,7 @@ class LoraLinear(FrozenWeight):
                         ("rank", "in_features"), self.dtype)
         self._replace_factors(new, self._B)
 
-    def set_lora_b(self, b):
+    def set_lora_b(self, b: ArrayLike) -> None:
         """Replace B with a copy of ``b``, shape (out_features, rank).
 
         See :meth:`set_lora_a` for conversion, errors and the merged case.
@@ -211,42 +217,42 @@ class LoraLinear(FrozenWeight):
             self._B = B
 
     @property
-    def trainable_params(self):
+    def trainable_params(self) -> int:
         """int: ``rank * (in_features + out_features)``."""
         return self._rank * (self.in_features + self.out_features)
 
     @property
-    def total_params(self):
+    def total_params(self) -> int:
         """int: ``in_features * out_features + trainable_params``."""
         return self.in_features * self.out_features + self.trainable_params
 
     @property
-    def compression_ratio(self):
+    def compression_ratio(self) -> float:
         """float: ``trainable_params / total_params``."""
         return self.trainable_params / self.total_params
 
     # ------------------------------------------------------------------ state
     @property
-    def is_merged(self):
+    def is_merged(self) -> bool:
         """bool: Whether the update is currently added into W."""
         return self._merged
 
     @property
-    def is_enabled(self):
+    def is_enabled(self) -> bool:
         """bool: Whether the update takes part in the output."""
         return self._enabled
 
-    def enable(self):
+    def enable(self) -> None:
         """Let the low-rank update take part in the output again."""
         with self._lock.write():
             self._enabled = True
 
-    def disable(self):
+    def disable(self) -> None:
         """Compute ``W_base x`` only, whether merged or not."""
         with self._lock.write():
             self._enabled = False
 
-    def merge(self, *, check_finite=False):
+    def merge(self, *, check_finite: bool = False) -> None:
         """Add the update into W in place: ``W += scaling * B @ A``.
 
         Afterwards the forward pass is a single dense product.  No W-sized
@@ -287,7 +293,7 @@ class LoraLinear(FrozenWeight):
                 "infinite; W was left unchanged"
             )
 
-    def unmerge(self):
+    def unmerge(self) -> None:
         """Subtract the update from W in place: ``W -= scaling * B @ A``.
 
         Subtracts bitwise the delta :meth:`merge` added, so each element ends
@@ -316,7 +322,7 @@ class LoraLinear(FrozenWeight):
         array = as_real_array(x, name, self.dtype)
         return np.asarray(array, order="C")
 
-    def forward(self, x, out=None):
+    def forward(self, x: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """Apply the layer to one vector.
 
         Parameters
@@ -337,7 +343,7 @@ class LoraLinear(FrozenWeight):
             out = self._output((self.out_features,), out, x)
             return kernels.forward_stacked(self._WA, self._B, self._kernel_scaling(), x, out)
 
-    def forward_batch(self, X, out=None):
+    def forward_batch(self, X: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """Apply the layer to each row of a batch.
 
         Parameters
@@ -362,7 +368,7 @@ class LoraLinear(FrozenWeight):
             return kernels.forward_batch(self._W, self._A, self._B, self._kernel_scaling(),
                                          X, out)
 
-    def __call__(self, x, out=None):
+    def __call__(self, x: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """Apply the layer to ``x`` of shape (..., in_features).
 
         Returns shape (..., out_features); see :meth:`forward_batch`.
@@ -388,7 +394,7 @@ class LoraLinear(FrozenWeight):
         return check_out(out, shape, self.dtype, (x, self._WA, self._B))
 
     # ------------------------------------------------------------- utilities
-    def copy(self):
+    def copy(self) -> LoraLinear:
         """An independent copy: its own arrays and lock, the same merge and enabled state."""
         with self._lock.read():
             new = object.__new__(type(self))
@@ -420,10 +426,45 @@ class LoraLinear(FrozenWeight):
         self._set_buffer(WA, WA.shape[0] - self._rank)
         self._lock = RWLock()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(out_features={self.out_features}, "
             f"in_features={self.in_features}, rank={self._rank}, alpha={self._alpha:g}, "
             f"scaling={self._scaling:g}, dtype={self.dtype}, "
             f"merged={self._merged}, enabled={self._enabled})"
         )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[LoraLinear]:
+        """Disable the update for the ``with`` block, as PEFT's ``model.disable_adapter()``.
+
+        Uses :meth:`disable` on entry; on exit, even by an exception, the
+        layer gets back the enabled state it had on entry (:meth:`enable`
+        or :meth:`disable`).
+
+        Yields
+        ------
+        LoraLinear
+            This layer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(2), rank=1, alpha=1.0)
+        >>> layer.lora_b = np.ones((2, 1))
+        >>> with layer.disable_adapter():
+        ...     layer([1.0, 0.0])  # W x alone
+        array([1., 0.])
+        >>> layer.is_enabled
+        True
+        """
+        was_enabled = self.is_enabled
+        self.disable()
+        try:
+            yield self
+        finally:
+            if was_enabled:
+                self.enable()
+            else:
+                self.disable()

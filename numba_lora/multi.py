@@ -1,9 +1,14 @@
 """``MultiLoraLinear``: one frozen base weight, many named adapters, adapter chosen per row."""
 
+from __future__ import annotations
+
 import math
 from collections import namedtuple
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import kernels
 from ._base import FrozenWeight
@@ -65,7 +70,7 @@ class MultiLoraLinear(FrozenWeight):
            [1., 1., 1., 1.]], dtype=float32)
     """
 
-    def __init__(self, weight):
+    def __init__(self, weight: ArrayLike) -> None:
         self._W = as_weight(weight)
         # Only changes take it (exclusively): a forward reads one _Packed
         # snapshot and needs no lock.
@@ -77,28 +82,29 @@ class MultiLoraLinear(FrozenWeight):
 
     # ------------------------------------------------------------- adapters
     @property
-    def adapter_names(self):
+    def adapter_names(self) -> list[str]:
         """list of str: Adapter names; an adapter's id is its position here."""
         return list(self._packed.names)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._packed.names)
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         try:
             return name in self._packed.index
         except TypeError:  # unhashable: never an adapter name
             return False
 
-    def scaling(self, name):
+    def scaling(self, name: str) -> float:
         """The scaling of adapter ``name``."""
         return float(self._packed.scalings[self._id(name)])
 
-    def rank(self, name):
+    def rank(self, name: str) -> int:
         """The rank of adapter ``name``."""
         return self._packed.ranks[self._id(name)]
 
-    def add_adapter(self, name, A, B, alpha, *, use_rslora=False):
+    def add_adapter(self, name: str, A: ArrayLike, B: ArrayLike, alpha: float, *,
+                    use_rslora: bool = False) -> None:
         """Add adapter ``name`` with factors A (rank, in_features), B (out_features, rank).
 
         ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
@@ -141,7 +147,7 @@ class MultiLoraLinear(FrozenWeight):
                 packed.alphas + (alpha,),
             )
 
-    def add_layer(self, name, layer):
+    def add_layer(self, name: str, layer: LoraLinear) -> None:
         """Add the adapter of ``layer`` (a :class:`LoraLinear` over this base weight).
 
         Its ``lora_a``, ``lora_b`` and scaling are taken; its own weight is
@@ -161,7 +167,7 @@ class MultiLoraLinear(FrozenWeight):
         self._insert(name, np.array(layer.lora_a, self.dtype), np.array(layer.lora_b, self.dtype),
                      scaling, layer.alpha)
 
-    def remove_adapter(self, name):
+    def remove_adapter(self, name: str) -> None:
         """Remove adapter ``name``; later adapters' ids shift down by one."""
         with self._lock.write():
             packed = self._packed
@@ -259,7 +265,9 @@ class MultiLoraLinear(FrozenWeight):
             f"(base only) or 0..{n - 1} for the {n} adapters"
         )
 
-    def forward_batch(self, X, adapter_ids, out=None, *, path="auto"):
+    def forward_batch(self, X: ArrayLike, adapter_ids: ArrayLike | Sequence[str | None],
+                      out: NDArray[np.floating] | None = None, *,
+                      path: Literal["auto", "segmented", "rows"] = "auto") -> NDArray[np.floating]:
         """Apply each row's adapter (or none) to a batch.
 
         Parameters
@@ -300,7 +308,7 @@ class MultiLoraLinear(FrozenWeight):
                       X, ids, out)
 
     # ---------------------------------------------------------- utilities
-    def copy(self):
+    def copy(self) -> MultiLoraLinear:
         """An independent copy: its own W, packed factors and lock."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
@@ -317,7 +325,7 @@ class MultiLoraLinear(FrozenWeight):
     def __deepcopy__(self, memo):
         return self.copy()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"{type(self).__name__}(out_features={self.out_features}, "
                 f"in_features={self.in_features}, dtype={self.dtype}, "
                 f"adapters={list(self._packed.names)})")
