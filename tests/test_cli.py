@@ -58,6 +58,7 @@ def test_bench_json_file(tmp_path, capsys):
     ["--dtype", "float16"],
     ["--dtype", "float32,int8"],
     ["--json", "/no/such/folder/out.json"],
+    ["--shape", "1000000x1000000", "--rank", "1"],  # a weight larger than the machine's memory
 ])
 def test_bench_bad_arguments_are_usage_errors(args, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -125,6 +125,19 @@ def parser():
                                         description=DESCRIPTION))
 
 
+def _check_memory(shapes, p):
+    """Refuse, as a usage error, a shape whose weight alone cannot fit in this machine's memory."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform: let run() find out
+        return
+    for out_features, in_features in shapes:
+        need = out_features * in_features * 8  # the weight is drawn in float64
+        if need > physical:
+            p.error(f"argument --shape: a {out_features}x{in_features} weight needs "
+                    f"{need / 2**30:.1f} GiB, more than this machine's {physical / 2**30:.1f} GiB")
+
+
 def execute(args, p):
     """Run the bench for parsed ``args``; ``p`` (their parser) reports what they cannot mix."""
     shapes = args.shape or list(DEFAULT_SHAPES)
@@ -133,9 +146,13 @@ def execute(args, p):
             if rank > min(out_features, in_features):
                 p.error(f"argument --rank: rank {rank} exceeds min(OUT, IN) = "
                         f"{min(out_features, in_features)} of shape {out_features}x{in_features}")
-    results = run(shapes=shapes, ranks=args.rank, dtypes=args.dtype, batches=args.batch,
-                  threads=args.threads or [None], merge=not args.no_merge,
-                  multi=not args.no_multi, budget_s=args.budget)
+    _check_memory(shapes, p)
+    try:
+        results = run(shapes=shapes, ranks=args.rank, dtypes=args.dtype, batches=args.batch,
+                      threads=args.threads or [None], merge=not args.no_merge,
+                      multi=not args.no_multi, budget_s=args.budget)
+    except MemoryError as exc:
+        p.error(f"argument --shape: not enough memory for the cases asked for ({exc})")
     report = dict(machine=machine_info(), results=[asdict(r) for r in results])
     if args.cold_start:
         report["cold_start"] = cold_start_figures()
