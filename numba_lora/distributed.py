@@ -231,3 +231,92 @@ def forward_batch(client, layer, X, adapter_ids=None, *, threads=None):
     ids = adapter_ids.rechunk((X.chunks[0],))[:, None]
     return da.map_blocks(_forward_multi_block, X, ids, layer_future, threads, chunks=chunks,
                          dtype=layer.dtype, name="numba_lora-forward_batch_multi")
+
+
+# ------------------------------------------------------------------- bench
+def _first_row(block):
+    return block[:1]
+
+
+def bench(shape=(4096, 4096), rank=16, rows=16384, chunk=1024, workers=2,
+          threads_per_worker=1, repeat=3):
+    """Batch-inference throughput: a LocalCluster against one process on the same cores.
+
+    One process runs ``layer.forward_batch`` over the rows, ``chunk`` at a
+    time, with ``workers * threads_per_worker`` Numba and BLAS threads; the
+    cluster (worker processes on 127.0.0.1) runs :func:`forward_batch` over
+    the same number of rows, generated and kept on the workers, each chunk's
+    output reduced to its first row there (so neither side ships outputs).
+    The cluster's time includes scattering the layer.  Returns a dict of
+    medians (seconds, rows per second, and their ratio).
+    """
+    import statistics
+
+    da, dist = _dask()
+    cores = workers * threads_per_worker
+    out_features, in_features = shape
+    rng = np.random.default_rng(0)
+    from .layer import LoraLinear
+
+    W = (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(in_features)))
+    layer = LoraLinear(W, rank, 2.0 * rank, seed=1)
+    layer.lora_b = rng.standard_normal((out_features, rank), dtype=np.float32) * 0.01
+    X = rng.random((rows, in_features), dtype=np.float32)
+    buffer = np.empty((chunk, out_features), np.float32)
+    single, cluster = [], []
+    with dist.LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                           processes=True, host="127.0.0.1", dashboard_address=None) as lc, \
+            dist.Client(lc) as client:
+        Xd = da.random.default_rng(0).random((rows, in_features), chunks=(chunk, in_features),
+                                             dtype=np.float32).persist()
+        dist.wait(Xd)
+        forward_batch(client, layer, Xd[:chunk]).compute()  # warm the workers' kernels
+        previous = set_num_threads(cores)
+        layer.forward_batch(X[:chunk], out=buffer)
+        try:
+            for _ in range(repeat):
+                start = time.perf_counter()
+                for r0 in range(0, rows, chunk):
+                    part = X[r0:r0 + chunk]
+                    layer.forward_batch(part, out=buffer[:part.shape[0]])
+                single.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                forward_batch(client, layer, Xd).map_blocks(
+                    _first_row, chunks=((1,) * len(Xd.chunks[0]), (out_features,))).compute()
+                cluster.append(time.perf_counter() - start)
+        finally:
+            set_num_threads(previous)
+    one, many = statistics.median(single), statistics.median(cluster)
+    return {"shape": list(shape), "rank": rank, "rows": rows, "chunk": chunk, "workers": workers,
+            "threads_per_worker": threads_per_worker, "single_s": one, "cluster_s": many,
+            "single_rows_per_s": rows / one, "cluster_rows_per_s": rows / many,
+            "cluster_vs_single": one / many, "single_all": single, "cluster_all": cluster}
+
+
+def main(argv=None):
+    """``python -m numba_lora.distributed``: the batch-inference bench; prints JSON."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m numba_lora.distributed",
+                                description=bench.__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="4096x4096")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    report = bench(shape, args.rank, args.rows, args.chunk, args.workers,
+                   args.threads_per_worker, args.repeat)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package, so that the tasks' functions pickle by reference.
+    from numba_lora.distributed import main as _main
+
+    _main()

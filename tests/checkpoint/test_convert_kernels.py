@@ -152,15 +152,16 @@ def test_kernels_called_from_user_njit_code(rng):
     np.testing.assert_array_equal(widened.view(np.uint32), got.ravel().astype(np.uint32) << 16)
 
 
-@pytest.mark.parametrize("kernel", [kernels.merge_bf16, kernels.merge_f16_serial])
-def test_merge_half_refuses_wrong_arguments(kernel):
+def test_merge_half_refuses_wrong_arguments():
+    # Each refused type compiles a refusing function: a few cover the guard
+    # (the four merges share it, and _check_lora_shapes with kernels.merge).
+    kernel = kernels.merge_bf16
     W = np.zeros((4, 3), np.uint16)
     A = np.zeros((2, 3), np.float32)
     B = np.zeros((4, 2), np.float32)
-    name = kernel.py_func.__name__
-    with pytest.raises(LoraDtypeError, match=f"{name}: W must have dtype uint16"):
+    with pytest.raises(LoraDtypeError, match="merge_bf16: W must have dtype uint16"):
         kernel(W.astype(np.float32), A, B, 1.0)
-    with pytest.raises(LoraDtypeError, match=f"{name}: A must have dtype float32"):
+    with pytest.raises(LoraDtypeError, match="merge_bf16: A must have dtype float32"):
         kernel(W, A.astype(np.float64), B, 1.0)
     W.flags.writeable = False
     with pytest.raises(LoraTypeError, match="W is written to and must be writable"):

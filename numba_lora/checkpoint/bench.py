@@ -1,0 +1,243 @@
+"""Checkpoint merge throughput and peak memory against a plain copy of the same files.
+
+    python -m numba_lora.checkpoint.bench --dir /tmp/nl-bench --gib 1.2 --dtype bf16
+
+Writes a synthetic Llama-shaped checkpoint (hidden 2048, intermediate 5632,
+vocabulary 32000, GQA with 512-wide k/v, as many layers as make ``--gib``)
+in shards of ``--shard-mib``, and a rank-16 PEFT adapter on all seven
+projections, into ``--dir`` (kept between runs: delete it yourself).  Then,
+with the base's files in the page cache (read once beforehand), it times,
+``--repeat`` times, interleaved:
+
+- ``copy``: ``shutil.copyfile`` of every file into a new directory (the
+  kernel copies: ``copy_file_range``/``sendfile``), then ``os.fsync`` of
+  each, since the merge syncs its shards before renaming them;
+- ``merge``: ``python -m numba_lora merge`` in a fresh process, whose peak
+  resident memory (``ru_maxrss``) is recorded; and the same process's
+  resident memory right after importing numba_lora and loading the kernels,
+  the floor the merge itself adds to.
+
+Figures are medians; throughput is base bytes per second.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, INTERMEDIATE, KV, VOCAB, RANK = 2048, 5632, 512, 32000, 16
+MODULES = (("self_attn.q_proj", HIDDEN, HIDDEN), ("self_attn.k_proj", KV, HIDDEN),
+           ("self_attn.v_proj", KV, HIDDEN), ("self_attn.o_proj", HIDDEN, HIDDEN),
+           ("mlp.gate_proj", INTERMEDIATE, HIDDEN), ("mlp.up_proj", INTERMEDIATE, HIDDEN),
+           ("mlp.down_proj", HIDDEN, INTERMEDIATE))
+_CODES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4)}
+
+
+def _tensors(layers):
+    yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
+    for i in range(layers):
+        yield f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)
+        for module, out, inn in MODULES:
+            yield f"model.layers.{i}.{module}.weight", (out, inn)
+        yield f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,)
+    yield "model.norm.weight", (HIDDEN,)
+    yield "lm_head.weight", (VOCAB, HIDDEN)
+
+
+def _values(rng, shape, dtype):
+    x = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).ravel()
+    if dtype == "f32":
+        return x
+    if dtype == "f16":
+        return x.astype(np.float16)
+    from .. import kernels
+
+    return kernels.round_bf16(x, np.empty(x.size, np.uint16))
+
+
+def _write_safetensors(path, items, dtype, rng):
+    code, itemsize = _CODES[dtype]
+    header, offset = {}, 0
+    for name, shape in items:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text)
+        for name, shape in items:
+            fh.write(_values(rng, shape, dtype).tobytes())
+
+
+def make_checkpoint(directory, gib, dtype, shard_mib):
+    """Write the synthetic base and adapter under ``directory``; return (base, adapter)."""
+    directory = Path(directory)
+    itemsize = _CODES[dtype][1]
+    per_layer = sum(o * i for _, o, i in MODULES) + 2 * HIDDEN
+    fixed = 2 * VOCAB * HIDDEN + HIDDEN
+    layers = max(1, math.ceil((gib * 2**30 / itemsize - fixed) / per_layer))
+    base = directory / f"base-{dtype}-{layers}l"
+    adapter = directory / f"adapter-{layers}l"
+    rng = np.random.default_rng(0)
+    if not (base / "model.safetensors.index.json").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        shards, current, size = [], [], 0
+        for name, shape in _tensors(layers):
+            nbytes = math.prod(shape) * itemsize
+            if current and size + nbytes > shard_mib * 2**20:
+                shards.append(current)
+                current, size = [], 0
+            current.append((name, shape))
+            size += nbytes
+        shards.append(current)
+        weight_map, total = {}, 0
+        for k, items in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(base / file, items, dtype, rng)
+            for name, shape in items:
+                weight_map[name] = file
+                total += math.prod(shape) * itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (base / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                      "hidden_size": HIDDEN}))
+    if not (adapter / "adapter_model.safetensors").is_file():
+        from safetensors.numpy import save_file
+
+        adapter.mkdir(parents=True, exist_ok=True)
+        factors = {}
+        for i in range(layers):
+            for module, out, inn in MODULES:
+                key = f"base_model.model.model.layers.{i}.{module}"
+                factors[f"{key}.lora_A.weight"] = (
+                    rng.standard_normal((RANK, inn), dtype=np.float32) * np.float32(0.02))
+                factors[f"{key}.lora_B.weight"] = (
+                    rng.standard_normal((out, RANK), dtype=np.float32) * np.float32(0.02))
+        save_file(factors, adapter / "adapter_model.safetensors")
+        (adapter / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK,
+            "target_modules": [m.split(".")[1] for m, _, _ in MODULES]}))
+    return base, adapter
+
+
+def _read_all(directory):
+    for path in Path(directory).iterdir():
+        with open(path, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _copy(base, out):
+    out.mkdir()
+    start = time.perf_counter()
+    for path in sorted(base.iterdir()):
+        shutil.copyfile(path, out / path.name)
+    copied = time.perf_counter() - start
+    for path in out.iterdir():
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    return copied, time.perf_counter() - start
+
+
+_CHILD = """
+import resource, sys, time
+import numba_lora, numba_lora.checkpoint as c
+from numba_lora import kernels
+import numpy as np
+W = np.zeros((8, 8), np.uint16); A = np.zeros((2, 8), np.float32); B = np.zeros((8, 2), np.float32)
+kernels.merge_bf16(W, A, B, 1.0); kernels.merge_f16(W, A, B, 1.0)
+kernels.merge(W.astype(np.float32), A, B, 1.0)
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(floor, peak, r.seconds, r.bytes)
+"""
+
+
+def _merge(base, adapter, out):
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out)],
+                            check=True, capture_output=True, text=True)
+    floor_kib, peak_kib, seconds, nbytes = result.stdout.split()
+    return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m numba_lora.checkpoint.bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default="/tmp/numba_lora-merge-bench", type=Path,
+                   help="where the synthetic checkpoint and the outputs go")
+    p.add_argument("--gib", type=float, default=1.2, help="base size in GiB (default 1.2)")
+    p.add_argument("--dtype", choices=sorted(_CODES), default="bf16")
+    p.add_argument("--shard-mib", type=int, default=500, help="shard size in MiB (default 500)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args(argv)
+    base, adapter = make_checkpoint(args.dir, args.gib, args.dtype, args.shard_mib)
+    total = sum(path.stat().st_size for path in base.glob("*.safetensors"))
+    every = sum(path.stat().st_size for path in base.iterdir())
+    shards = sorted(base.glob("*.safetensors"))
+    largest_shard = max(path.stat().st_size for path in shards)
+    print(f"base {base}: {total / 2**30:.2f} GiB in {len(shards)} shards "
+          f"(largest {largest_shard / 2**20:.0f} MiB), adapter rank {RANK}")
+    _read_all(base)
+    _read_all(adapter)
+    rows = {"copy": [], "copy+fsync": [], "merge": [], "floor": [], "peak": []}
+    for k in range(args.repeat):
+        out = args.dir / "copy-out"
+        shutil.rmtree(out, ignore_errors=True)
+        copied, synced = _copy(base, out)
+        shutil.rmtree(out)
+        rows["copy"].append(copied)
+        rows["copy+fsync"].append(synced)
+        out = args.dir / "merge-out"
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, floor, peak, _ = _merge(base, adapter, out)
+        shutil.rmtree(out)
+        rows["merge"].append(seconds)
+        rows["floor"].append(floor)
+        rows["peak"].append(peak)
+        print(f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s), merge {seconds:.2f} s, "
+              f"peak RSS {peak / 2**20:.0f} MiB (after import {floor / 2**20:.0f} MiB)", flush=True)
+    med = {key: statistics.median(values) for key, values in rows.items()}
+    largest_f32 = 4 * INTERMEDIATE * HIDDEN
+    report = {
+        "base_bytes": total, "all_files_bytes": every, "shards": len(shards),
+        "largest_shard_bytes": largest_shard, "dtype": args.dtype, "rank": RANK,
+        "copy_s": med["copy"], "copy_fsync_s": med["copy+fsync"], "merge_s": med["merge"],
+        "copy_gib_s": every / med["copy"] / 2**30,
+        "copy_fsync_gib_s": every / med["copy+fsync"] / 2**30,
+        "merge_gib_s": every / med["merge"] / 2**30,
+        "merge_vs_copy": med["copy"] / med["merge"],
+        "merge_vs_copy_fsync": med["copy+fsync"] / med["merge"],
+        "rss_after_import_bytes": med["floor"], "peak_rss_bytes": med["peak"],
+        "peak_over_import_bytes": med["peak"] - med["floor"],
+        "largest_adapted_tensor_f32_bytes": largest_f32,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    print(f"copy {report['copy_gib_s']:.2f} GiB/s ({report['copy_fsync_gib_s']:.2f} with fsync), "
+          f"merge {report['merge_gib_s']:.2f} GiB/s: {report['merge_vs_copy']:.2f}x a copy "
+          f"({report['merge_vs_copy_fsync']:.2f}x a synced copy); peak RSS "
+          f"{med['peak'] / 2**20:.0f} MiB = {med['floor'] / 2**20:.0f} MiB after import + "
+          f"{(med['peak'] - med['floor']) / 2**20:.0f} MiB (largest shard "
+          f"{largest_shard / 2**20:.0f} MiB, largest adapted tensor in float32 "
+          f"{largest_f32 / 2**20:.0f} MiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
