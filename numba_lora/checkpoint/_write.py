@@ -141,7 +141,11 @@ class _ShardJob:
 
     # ------------------------------------------------------- writer thread
     def _write(self):
-        copier = _Copier(self._src, self._dst, self.path)
+        # Its own handle on the base file: the calling thread seeks the other.
+        with open(self.path, "rb", buffering=0) as src:
+            self._write_from(_Copier(src, self._dst, self.path))
+
+    def _write_from(self, copier):
         while True:
             item = self._queue.get()
             if item is None:
@@ -233,9 +237,13 @@ class _ShardJob:
 
     def finish(self):
         """Wait for the writer, then rename the shard into place; return its bytes."""
-        self._join()
-        self._check()
-        os.replace(self.tmp, self.final)
+        try:
+            self._join()
+            self._check()
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            _quietly(self.tmp.unlink, missing_ok=True)
+            raise
         return self.layout.size
 
     def abort(self):
@@ -265,27 +273,22 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None):
     into place is removed.
     """
     written = 0
-    pending = None
+    alive = []  # jobs whose writer may still run: at most this shard's and the last one's
     try:
         for shard in shards:
             if on_shard is not None:
                 on_shard(shard)
-            job = _ShardJob(plan, shard, directory, progress)
-            try:
-                job.run()
-            except BaseException:
-                job.abort()
-                raise
-            if pending is not None:
-                done, pending = pending, None
-                written += done.finish()
-            pending = job
-        if pending is not None:
-            done, pending = pending, None
-            written += done.finish()
+            alive.append(_ShardJob(plan, shard, directory, progress))
+            alive[-1].run()
+            if len(alive) == 2:
+                written += alive[0].finish()
+                alive.pop(0)
+        while alive:
+            written += alive[0].finish()
+            alive.pop(0)
     except BaseException:
-        if pending is not None:
-            pending.abort()
+        for job in alive:
+            job.abort()
         raise
     return written
 
@@ -330,6 +333,8 @@ class Output:
 
     def __init__(self, plan, out):
         out = as_path(out, "out")
+        if out.is_symlink():
+            raise LoraConfigError(f"out {out} is a symbolic link; give a directory path")
         base = plan.checkpoint.directory
         adapter = Path(plan.adapter_file).parent
         for other, what in ((base, "base checkpoint"), (adapter, "adapter")):

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import types
 
 import numpy as np
@@ -429,3 +430,64 @@ def test_same_bytes_with_the_threaded_kernels(tmp_path, pair, monkeypatch):
     assert used[0] == 2
     for path in (tmp_path / "serial").iterdir():
         assert (tmp_path / "threaded" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_failed_shard_stops_and_removes_the_others(tmp_path, pair, monkeypatch):
+    # The first shard's writer fails while the second shard is under way:
+    # both temporary files go, and so does the staging directory.
+    base, adapter, _ = pair
+    real = _write._Copier.copy
+
+    def copy(self, offset, count):
+        if "00001" in self.path.name and offset > 0:
+            raise OSError(5, "Input/output error")
+        real(self, offset, count)
+
+    monkeypatch.setattr(_write._Copier, "copy", copy)
+    plan = checkpoint.plan_merge(base, adapter)
+    (tmp_path / "staging").mkdir()
+    with pytest.raises(OSError, match="Input/output error"):
+        _write.run_shards(plan, plan.shards, tmp_path / "staging")
+    assert list((tmp_path / "staging").iterdir()) == []
+    (tmp_path / "link").symlink_to(tmp_path / "staging")
+    with pytest.raises(LoraConfigError, match="symbolic link"):
+        checkpoint.merge(base, adapter, tmp_path / "link")
+
+
+def test_copying_through_user_space_with_concurrent_reads(tmp_path, rng, monkeypatch):
+    # The writer's copies and the reader's tensor reads interleave in one
+    # file: each thread must keep its own file position.
+    tensors = {}
+    factors = {}
+    for i in range(6):
+        tensors[f"model.layers.{i}.norm.weight"] = rng.standard_normal(3000).astype(np.float32)
+        tensors[f"model.layers.{i}.q.weight"] = rng.standard_normal((64, 48)).astype(np.float32)
+        factors[f"model.layers.{i}.q"] = (rng.standard_normal((2, 48)).astype(np.float32),
+                                          rng.standard_normal((64, 2)).astype(np.float32))
+    base = write_checkpoint(tmp_path / "base", [tensors], index=False)
+    adapter = write_adapter(tmp_path / "adapter", factors)
+    checkpoint.merge(base, adapter, tmp_path / "kernel")
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    monkeypatch.setattr(_write, "_CHUNK", 512)
+
+    def slow_read(src, offset, view, path, key):
+        # Seek, then let the writer run before reading, as a preempted
+        # thread would.
+        src.seek(offset)
+        time.sleep(0.002)
+        got = 0
+        while got < len(view):
+            got += src.readinto(view[got:])
+
+    real_write_all = _write._write_all
+
+    def slow_write_all(dst, view):
+        time.sleep(0.0005)
+        real_write_all(dst, view)
+
+    monkeypatch.setattr(_write, "_read_exactly", slow_read)
+    monkeypatch.setattr(_write, "_write_all", slow_write_all)
+    for k in range(3):
+        checkpoint.merge(base, adapter, tmp_path / f"user{k}")
+        assert (tmp_path / f"user{k}" / "model.safetensors").read_bytes() == \
+            (tmp_path / "kernel" / "model.safetensors").read_bytes()
