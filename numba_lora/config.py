@@ -189,15 +189,18 @@ def check_field(name: str, value: Any) -> Any:
     return _FIELD_CHECKS[ALIASES.get(name, name)](value)
 
 
-class _Unset:
-    """Default of an argument that has a PEFT name and an alias: tells "not given" apart."""
+class _Default:
+    """Default of a setting that has two names (PEFT's and an alias), so that "not given"
+    can be told apart from "given"; shows as PEFT's default value in signatures."""
+
+    def __init__(self, value=None):
+        self.value = value
 
     def __repr__(self):
-        return "<PEFT's default>"
+        return "unset" if self.value is None else repr(self.value)
 
 
-_UNSET = _Unset()
-_DEFAULTS = {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0}
+_R, _ALPHA, _DROPOUT, _UNSET = _Default(8), _Default(8.0), _Default(0.0), _Default()
 
 
 @dataclass(init=False)
@@ -275,9 +278,9 @@ class LoraConfig:
 
     def __init__(
         self,
-        r: int = _UNSET,
-        lora_alpha: float = _UNSET,
-        lora_dropout: float = _UNSET,
+        r: int = _R,
+        lora_alpha: float = _ALPHA,
+        lora_dropout: float = _DROPOUT,
         target_modules: str | Iterable[str] | None = (),
         fan_in_fan_out: bool = False,
         use_rslora: bool = False,
@@ -295,11 +298,13 @@ class LoraConfig:
         given = {"r": (r, rank), "lora_alpha": (lora_alpha, alpha),
                  "lora_dropout": (lora_dropout, dropout)}
         for (name, (peft_value, alias_value)), alias in zip(given.items(), ALIASES):
-            if peft_value is _UNSET and alias_value is _UNSET:
-                value = _DEFAULTS[name]
-            elif alias_value is _UNSET:
+            peft_given = not isinstance(peft_value, _Default)
+            alias_given = not isinstance(alias_value, _Default)
+            if not peft_given and not alias_given:
+                value = peft_value.value
+            elif not alias_given:
                 value = peft_value
-            elif peft_value is _UNSET:
+            elif not peft_given:
                 value = alias_value
             else:
                 # Both given: fine when they agree once checked (r=4, rank=np.int64(4)).
