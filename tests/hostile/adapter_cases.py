@@ -14,7 +14,7 @@ from numba_lora import LoraAdapter, LoraConfig, LoraLinear
 
 from . import exact
 from .harness import Case, Watch
-from .inputs import out_input, real_input
+from .inputs import PASSTHROUGH, out_input, real_input
 from .layer_cases import kernel_scaling, watch_input, watch_layer, watch_out
 from .values import F32, F64, array_values, pick
 
@@ -238,7 +238,7 @@ class AdapterSession:
         o = layer.out_features if layer else 3
         shape = (pick(rng, [0, 1, 3]), i) if batch else (i,)
         x = real_input(rng, shape, layer.dtype if layer else F32, "X" if batch else "x",
-                       hostile=hostile)
+                       hostile=hostile, kinds=PASSTHROUGH)
         if hostile and layer is not None and isinstance(x.value, np.ndarray) \
                 and x.value.dtype.kind == "f" and x.value.ndim == len(shape) \
                 and x.value.shape[-1] == i:

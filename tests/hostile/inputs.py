@@ -17,7 +17,7 @@ import numpy as np
 from .memory import place
 from .values import array_values, pick
 
-__all__ = ["Input", "real_input", "out_input", "converted"]
+__all__ = ["Input", "real_input", "out_input", "converted", "PASSTHROUGH"]
 
 
 @dataclass
@@ -37,6 +37,10 @@ def converted(value, dtype):
 
 _VALID = {"same": 8, "float": 3, "int": 2, "list": 2, "rows": 1, "strided": 1, "fortran": 1,
           "readonly": 1, "bigendian": 1, "matrix": 1, "guarded": 2}
+#: For inputs a layer hands to a kernel as they are (x, X): no read-only arrays, whose
+#: Numba type differs and would compile every kernel once more (the kernel groups
+#: cover read-only inputs).
+PASSTHROUGH = {k: v for k, v in _VALID.items() if k != "readonly"}
 _HOSTILE = {"shape": 6, "ndim": 3, "dtype": 5, "python": 4, "empty": 1}
 _BAD_DTYPES = ("?", "c8", "c16", "<U3", "S2", "M8[s]", "m8[ms]", [("a", "<f8")], "O")
 

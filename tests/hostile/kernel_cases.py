@@ -487,13 +487,14 @@ def group_forward(rng):
     yield from _perturbed(FORWARD, rng, (F32, F64), 70)
     yield from _valid(FORWARD_STACKED, rng, (F32, F64), 260)
     yield from _perturbed(FORWARD_STACKED, rng, (F32, F64), 50)
-    yield from _typed(FORWARD_STACKED, rng, F64, n_dtype=3, n_nonarray=2, n_bad_scalar=3,
-                      good=[1], layouts=[("WA", "F", "error")])
-    yield from _typed(FORWARD, rng, F32, good=[2, np.uint64(7), np.int8(-2)],
+    yield from _typed(FORWARD_STACKED, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
+                      n_ndim=0, good=[1], layouts=[("WA", "F", "error")])
+    yield from _typed(FORWARD, rng, F32, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
+                      good=[2, np.uint64(7)],
                       # A strided out is a TypingError, not a LoraError
                       # (test_hostile.py::test_kernels_refuse_a_strided_out): kept out here.
-                      layouts=[("W", "F", "error"), ("A", "strided", "error")])
-    yield from _typed(FORWARD, rng, F64, n_dtype=3, n_nonarray=2, n_bad_scalar=3, n_ndim=0,
+                      layouts=[("W", "F", "error")])
+    yield from _typed(FORWARD, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2, n_ndim=0,
                       good=[np.float32(0.5)], layouts=[("x", "strided", "error")],
                       readonly_inputs=("W", "x"))
 
@@ -504,12 +505,12 @@ def group_forward_batch(rng):
     yield from _perturbed(FORWARD_BATCH, rng, (F32, F64), 70)
     yield from _valid(FORWARD_BATCH_STACKED, rng, (F32, F64), 260)
     yield from _perturbed(FORWARD_BATCH_STACKED, rng, (F32, F64), 50)
-    yield from _typed(FORWARD_BATCH_STACKED, rng, F32, n_dtype=3, n_nonarray=2, n_bad_scalar=3,
-                      good=[np.int64(2)], layouts=[("X", "F", "error")])
-    yield from _typed(FORWARD_BATCH, rng, F64, good=[2], layouts=[("X", "F", "error"),
-                                                                  ("W", "strided", "error")])
-    yield from _typed(FORWARD_BATCH, rng, F32, n_dtype=3, n_nonarray=2, n_bad_scalar=3, n_ndim=0,
-                      good=[np.int16(3)], layouts=[("out", "F", "error")],
+    yield from _typed(FORWARD_BATCH_STACKED, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
+                      n_ndim=0, good=[np.int64(2)], layouts=[("X", "F", "error")])
+    yield from _typed(FORWARD_BATCH, rng, F64, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
+                      good=[2], layouts=[("X", "F", "error")])
+    yield from _typed(FORWARD_BATCH, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2, n_ndim=0,
+                      layouts=[("out", "F", "error")],
                       readonly_inputs=("A", "B"))
 
 
@@ -522,10 +523,10 @@ def _merge_group(rng, dtype, extra):
     for spec in specs:
         made = _make_lora(spec, rng, dtype, "normal")
         attacks = attacks_for(spec, rng, dtype, made, n_dtype=2, n_nonarray=1)
-        keep = rng.permutation(len(attacks))[: max(3, len(attacks) // 4)]
+        keep = rng.permutation(len(attacks))[: max(2, len(attacks) // 5)]
         yield from run_attacks(lambda: spec, rng, lambda: dtype, [attacks[i] for i in keep])
         yield from run_attacks(lambda: spec, rng, lambda: dtype,
-                               scalar_attacks(spec, rng, 2, ()))
+                               scalar_attacks(spec, rng, 1, ()))
     for spec, attack, repeat in extra:
         yield from run_attacks(lambda: spec, rng, lambda: dtype, [(attack, repeat)])
 
@@ -607,11 +608,10 @@ def group_multi(rng):
     for spec, dtype in zip(MULTIS, (F32, F64, F32)):
         made = _make_multi(spec, rng, dtype, "normal")
         attacks = attacks_for(spec, rng, dtype, made, n_dtype=4, n_nonarray=2)
-        keep = rng.permutation(len(attacks))[: len(attacks) // 3]
+        keep = rng.permutation(len(attacks))[: len(attacks) // 4]
         yield from run_attacks(lambda: spec, rng, lambda: dtype, [attacks[i] for i in keep])
     # offsets, scalings and ids need not be contiguous: accepted, each one compile.
-    for spec, dtype, name in ((MULTIS[2], F64, "ids"), (MULTIS[0], F32, "offsets"),
-                              (MULTIS[1], F64, "scalings")):
+    for spec, dtype, name in ((MULTIS[2], F64, "ids"), (MULTIS[1], F64, "scalings")):
         yield from run_attacks(lambda: spec, rng, lambda: dtype,
                                [(Attack(f"{name} strided", "correct",
                                         layout={name: "strided"}), 15)])
@@ -634,9 +634,9 @@ def group_multi(rng):
         else:
             yield kernel_case(GROUP_ROWS, rng, None, made=(dims, values))
     made = _make_group(GROUP_ROWS, rng, None, None)
-    attacks = attacks_for(GROUP_ROWS, rng, None, made, n_dtype=4, n_nonarray=3)
+    attacks = attacks_for(GROUP_ROWS, rng, None, made, n_dtype=2, n_nonarray=2)
     # ids are drawn below 40: these counts are large enough for any of them.
-    attacks += scalar_attacks(GROUP_ROWS, rng, 5, [np.int32(40), np.uint64(40)])
+    attacks += scalar_attacks(GROUP_ROWS, rng, 3, [np.int32(40), np.uint64(40)])
     attacks.append((Attack("ids strided", "correct", layout={"ids": "strided"}), 10))
     yield from run_attacks(lambda: GROUP_ROWS, rng, lambda: None, attacks)
 

@@ -20,7 +20,7 @@ from numba_lora import LoraLinear
 
 from . import exact
 from .harness import Case, Watch
-from .inputs import out_input, real_input
+from .inputs import PASSTHROUGH, out_input, real_input
 from .values import F32, F64, array_values, pick
 
 __all__ = ["GROUPS", "layer_state", "watch_layer"]
@@ -201,17 +201,17 @@ def _forward_case(rng, layer, op):
     hostile_x = rng.random() < 0.3
     hostile_out = not hostile_x and rng.random() < 0.25
     if op == "forward":
-        x = real_input(rng, (i,), dtype, "x", hostile=hostile_x)
+        x = real_input(rng, (i,), dtype, "x", hostile=hostile_x, kinds=PASSTHROUGH)
         ndims = (1,)
         call = (lambda: layer.forward(x.value, out=out.value))
     elif op == "forward_batch":
         b = pick(rng, [0, 1, 2, 3, 5])
-        x = real_input(rng, (b, i), dtype, "X", hostile=hostile_x)
+        x = real_input(rng, (b, i), dtype, "X", hostile=hostile_x, kinds=PASSTHROUGH)
         ndims = (2,)
         call = (lambda: layer.forward_batch(x.value, out=out.value))
     else:  # __call__ with (..., in_features)
         lead = pick(rng, [(), (2,), (3,), (0,), (2, 2), (1, 3)])
-        x = real_input(rng, lead + (i,), dtype, "x", hostile=hostile_x)
+        x = real_input(rng, lead + (i,), dtype, "x", hostile=hostile_x, kinds=PASSTHROUGH)
         ndims = (1, 2, 3, 4)
         call = (lambda: layer(x.value, out=out.value))
     if hostile_x and isinstance(x.value, np.ndarray) and x.value.dtype.kind == "f" \

@@ -15,7 +15,7 @@ from numba_lora import LoraLinear, MultiLoraLinear
 
 from . import exact
 from .harness import Case, Watch
-from .inputs import out_input, real_input
+from .inputs import PASSTHROUGH, out_input, real_input
 from .layer_cases import _ALPHA_BAD, _ALPHA_GOOD, watch_input, watch_out
 from .values import F32, F64, array_values, pick
 
@@ -237,7 +237,7 @@ class Session:
         ints = rng.integers(-1, n, size=b) if n else np.full(b, -1)
         if rng.random() >= hostile_rate:
             kind = pick(rng, {"list": 3, "names": 3, "mixed": 2, "array": 3, "tuple": 1,
-                              "strided": 1, "readonly": 1, "scalars": 1, "str array": 1})
+                              "strided": 1, "scalars": 1, "str array": 1})
             resolved = [int(v) for v in ints]
             if kind == "names":
                 value = [None if v < 0 else names[v] for v in resolved]
@@ -255,9 +255,6 @@ class Session:
                 value = tuple(resolved)
             elif kind == "strided":
                 value = np.repeat(np.array(resolved, np.int64), 2)[::2]
-            elif kind == "readonly":
-                value = np.array(resolved, np.int64)
-                value.flags.writeable = False
             elif kind == "scalars":
                 value = [np.int32(v) for v in resolved]
             elif kind == "str array" and n and b:
@@ -317,7 +314,7 @@ class Session:
         rng, dtype, o, i = self.rng, self.dtype, self.o, self.i
         b = pick(rng, [0, 1, 2, 3, 5, 8])
         part = pick(rng, {"valid": 8, "X": 2, "ids": 4, "out": 2, "path": 1})
-        x = real_input(rng, (b, i), dtype, "X", hostile=(part == "X"))
+        x = real_input(rng, (b, i), dtype, "X", hostile=(part == "X"), kinds=PASSTHROUGH)
         if part == "X" and isinstance(x.value, np.ndarray) and x.value.dtype.kind == "f" \
                 and x.value.ndim == 2 and x.value.shape[1] == i and x.value.shape[0] != b:
             x.expect = "error"  # another batch size than the ids: still refused
