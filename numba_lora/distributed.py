@@ -26,7 +26,7 @@ import numpy as np
 
 from . import checkpoint
 from ._threads import set_num_threads
-from .errors import LoraShapeError, LoraTypeError
+from .errors import LoraEnvironmentError, LoraShapeError, LoraTypeError
 
 
 
@@ -36,7 +36,7 @@ def _dask():
         import dask.array
         import distributed
     except ImportError as exc:
-        raise ImportError(
+        raise LoraEnvironmentError(
             "numba_lora.distributed needs dask and distributed: "
             f"pip install \"numba_lora[dask]\" ({exc})") from exc
     return dask.array, distributed

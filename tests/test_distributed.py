@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import numba_lora
-from numba_lora import (LoraFormatError, LoraKeyError, LoraLinear, LoraShapeError, LoraTypeError,
+from numba_lora import (LoraEnvironmentError, LoraFormatError, LoraKeyError, LoraLinear, LoraShapeError, LoraTypeError,
                         MultiLoraLinear, checkpoint, distributed)
 
 from .checkpoint.helpers import FIXTURES
@@ -27,7 +27,7 @@ except ImportError:
 
 def test_without_dask_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(ImportError, match=r"pip install \"numba_lora\[dask\]\""):
+    with pytest.raises(LoraEnvironmentError, match=r"pip install \"numba_lora\[dask\]\""):
         distributed.merge(None, "base", "adapter", "out")
 
 

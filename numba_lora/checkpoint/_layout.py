@@ -4,7 +4,7 @@ Only headers are read here.  Everything a merge relies on is checked up
 front, so that a problem is reported, naming the file and the tensor,
 before any output exists: the index and the shards agree on every tensor,
 shard names are plain file names inside the directory, tensors' byte ranges
-lie inside their files and do not overlap.
+cover the data exactly (no overlap, no hole, no trailing bytes).
 """
 
 import json
@@ -133,11 +133,25 @@ def _read_shard(directory, name):
         start, stop = header[key]["data_offsets"]
         tensors.append(TensorInfo(key, file.dtype(key), tuple(file.shape(key)), start, stop))
     tensors.sort(key=lambda t: (t.start, t.stop))
-    for before, after in zip(tensors, tensors[1:]):
-        if after.start < before.stop:
+    # The format (and the safetensors library) wants the data covered
+    # exactly: no overlap, no hole, nothing after the last tensor.
+    end = 0
+    previous = None
+    for info in tensors:
+        if info.start < end:
             raise LoraFormatError(
-                f"{path}: tensors {before.name!r} and {after.name!r} overlap "
-                f"(bytes {before.start}-{before.stop} and {after.start}-{after.stop})")
+                f"{path}: tensors {previous.name!r} and {info.name!r} overlap "
+                f"(bytes {previous.start}-{previous.stop} and {info.start}-{info.stop})")
+        if info.start > end:
+            raise LoraFormatError(
+                f"{path}: tensor {info.name!r} starts at byte {info.start} of the data, leaving "
+                f"a hole after byte {end}: not a well-formed safetensors file")
+        end, previous = info.stop, info
+    data = size - 8 - header_len
+    if data != end:
+        raise LoraFormatError(
+            f"{path} has {data - end} bytes after its last tensor: not a well-formed "
+            "safetensors file")
     return Shard(name, size, 8 + header_len, tuple(tensors))
 
 
