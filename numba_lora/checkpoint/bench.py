@@ -12,12 +12,17 @@ with the base's files in the page cache (read once beforehand), it times,
 - ``copy``: ``shutil.copyfile`` of every file into a new directory (the
   kernel copies: ``copy_file_range``/``sendfile``), then ``os.fsync`` of
   each, since the merge syncs its shards before renaming them;
-- ``merge``: ``python -m numba_lora merge`` in a fresh process, whose peak
-  resident memory (``ru_maxrss``) is recorded; and the same process's
-  resident memory right after importing numba_lora and loading the kernels,
-  the floor the merge itself adds to.
+- ``read+write``: the same files copied by reading and writing them through
+  an 8 MiB buffer, as the merge moves its adapted tensors;
+- ``merge``: :func:`numba_lora.checkpoint.merge` in a fresh process, which
+  records its resident memory after importing numba_lora and loading the
+  kernels, resets the peak (``/proc/self/clear_refs``; where that is not
+  allowed, the peak stays the process's ``ru_maxrss``), and reads the peak
+  after the merge (``VmHWM``).
 
-Figures are medians; throughput is base bytes per second.
+Both record CPU time (user + system), which a busy machine disturbs less
+than wall time.  Figures are medians, and the best run; throughput is the
+bytes of all the base's files per second.
 """
 
 import argparse
@@ -139,16 +144,39 @@ def _read_all(directory):
                 pass
 
 
+def _cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _copy_user_space(base, out):
+    """A read + write copy through an 8 MiB buffer (what the merge does for its tensors)."""
+    out.mkdir()
+    cpu = _cpu()
+    start = time.perf_counter()
+    buffer = memoryview(bytearray(8 << 20))
+    for path in sorted(base.iterdir()):
+        with open(path, "rb", buffering=0) as src, open(out / path.name, "wb", buffering=0) as dst:
+            while True:
+                n = src.readinto(buffer)
+                if not n:
+                    break
+                dst.write(buffer[:n])
+    return time.perf_counter() - start, _cpu() - cpu
+
+
 def _copy(base, out):
     out.mkdir()
+    cpu = _cpu()
     start = time.perf_counter()
     for path in sorted(base.iterdir()):
         shutil.copyfile(path, out / path.name)
     copied = time.perf_counter() - start
+    cpu = _cpu() - cpu
     for path in out.iterdir():
         with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
-    return copied, time.perf_counter() - start
+    return copied, time.perf_counter() - start, cpu
 
 
 _CHILD = """
@@ -157,20 +185,42 @@ import numba_lora, numba_lora.checkpoint as c
 from numba_lora import kernels
 import numpy as np
 W = np.zeros((8, 8), np.uint16); A = np.zeros((2, 8), np.float32); B = np.zeros((8, 2), np.float32)
-kernels.merge_bf16(W, A, B, 1.0); kernels.merge_f16(W, A, B, 1.0)
-kernels.merge(W.astype(np.float32), A, B, 1.0)
-floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# Load the kernels first (from Numba's cache: about half a second, once per
+# process), so that what is timed is the merge.
+for kernel in (kernels.merge_bf16, kernels.merge_bf16_serial, kernels.merge_f16,
+               kernels.merge_f16_serial):
+    kernel(W, A, B, 1.0)
+kernels.merge(W.astype(np.float32), A, B, 1.0); kernels.merge_serial(W.astype(np.float32), A, B, 1.0)
+def cpu():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+# The peak so far (imports, kernel loading) is reset, where Linux allows it,
+# so that the peak read afterwards is the merge's own.
+try:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    reset = True
+except OSError:
+    reset = False
+def rss(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1])
+floor = rss("VmRSS:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = cpu()
 r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(floor, peak, r.seconds, r.bytes)
+spent = cpu() - before
+peak = rss("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(floor, peak, r.seconds, r.bytes, spent)
 """
 
 
 def _merge(base, adapter, out):
     result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out)],
                             check=True, capture_output=True, text=True)
-    floor_kib, peak_kib, seconds, nbytes = result.stdout.split()
-    return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes)
+    floor_kib, peak_kib, seconds, nbytes, cpu = result.stdout.split()
+    return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes), float(cpu)
 
 
 def main(argv=None):
@@ -193,24 +243,33 @@ def main(argv=None):
           f"(largest {largest_shard / 2**20:.0f} MiB), adapter rank {RANK}")
     _read_all(base)
     _read_all(adapter)
-    rows = {"copy": [], "copy+fsync": [], "merge": [], "floor": [], "peak": []}
+    rows = {"copy": [], "copy+fsync": [], "merge": [], "floor": [], "peak": [], "copy_cpu": [],
+            "merge_cpu": [], "read+write": [], "read+write_cpu": []}
     for k in range(args.repeat):
         out = args.dir / "copy-out"
         shutil.rmtree(out, ignore_errors=True)
-        copied, synced = _copy(base, out)
+        copied, synced, cpu = _copy(base, out)
         shutil.rmtree(out)
         rows["copy"].append(copied)
         rows["copy+fsync"].append(synced)
+        rows["copy_cpu"].append(cpu)
+        seconds, cpu = _copy_user_space(base, out)
+        shutil.rmtree(out)
+        rows["read+write"].append(seconds)
+        rows["read+write_cpu"].append(cpu)
         out = args.dir / "merge-out"
         shutil.rmtree(out, ignore_errors=True)
-        seconds, floor, peak, _ = _merge(base, adapter, out)
+        seconds, floor, peak, _, cpu = _merge(base, adapter, out)
         shutil.rmtree(out)
         rows["merge"].append(seconds)
+        rows["merge_cpu"].append(cpu)
         rows["floor"].append(floor)
         rows["peak"].append(peak)
-        print(f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s), merge {seconds:.2f} s, "
+        print(f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s, CPU "
+              f"{rows['copy_cpu'][-1]:.2f} s), read+write {rows['read+write'][-1]:.2f} s, merge {seconds:.2f} s (CPU {cpu:.2f} s), "
               f"peak RSS {peak / 2**20:.0f} MiB (after import {floor / 2**20:.0f} MiB)", flush=True)
     med = {key: statistics.median(values) for key, values in rows.items()}
+    best = {key: min(values) for key, values in rows.items()}
     largest_f32 = 4 * INTERMEDIATE * HIDDEN
     report = {
         "base_bytes": total, "all_files_bytes": every, "shards": len(shards),
@@ -221,14 +280,26 @@ def main(argv=None):
         "merge_gib_s": every / med["merge"] / 2**30,
         "merge_vs_copy": med["copy"] / med["merge"],
         "merge_vs_copy_fsync": med["copy+fsync"] / med["merge"],
+        "best_copy_s": best["copy"], "best_copy_fsync_s": best["copy+fsync"],
+        "best_merge_s": best["merge"], "best_merge_vs_copy": best["copy"] / best["merge"],
+        "best_merge_vs_copy_fsync": best["copy+fsync"] / best["merge"],
+        "copy_cpu_s": med["copy_cpu"], "merge_cpu_s": med["merge_cpu"],
+        "read_write_s": med["read+write"], "read_write_cpu_s": med["read+write_cpu"],
+        "merge_vs_read_write": med["read+write"] / med["merge"],
+        "best_merge_vs_read_write": best["read+write"] / best["merge"], "runs": rows,
         "rss_after_import_bytes": med["floor"], "peak_rss_bytes": med["peak"],
         "peak_over_import_bytes": med["peak"] - med["floor"],
         "largest_adapted_tensor_f32_bytes": largest_f32,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
+    print(f"read+write copy {every / med['read+write'] / 2**30:.2f} GiB/s: merge "
+          f"{report['merge_vs_read_write']:.2f}x (best runs "
+          f"{report['best_merge_vs_read_write']:.2f}x)")
     print(f"copy {report['copy_gib_s']:.2f} GiB/s ({report['copy_fsync_gib_s']:.2f} with fsync), "
           f"merge {report['merge_gib_s']:.2f} GiB/s: {report['merge_vs_copy']:.2f}x a copy "
-          f"({report['merge_vs_copy_fsync']:.2f}x a synced copy); peak RSS "
+          f"({report['merge_vs_copy_fsync']:.2f}x a synced copy; best runs "
+          f"{report['best_merge_vs_copy']:.2f}x and {report['best_merge_vs_copy_fsync']:.2f}x; "
+          f"CPU {med['merge_cpu']:.2f} s vs {med['copy_cpu']:.2f} s); peak RSS "
           f"{med['peak'] / 2**20:.0f} MiB = {med['floor'] / 2**20:.0f} MiB after import + "
           f"{(med['peak'] - med['floor']) / 2**20:.0f} MiB (largest shard "
           f"{largest_shard / 2**20:.0f} MiB, largest adapted tensor in float32 "
