@@ -27,6 +27,7 @@ import numpy as np
 from . import checkpoint
 from ._threads import set_num_threads
 from .errors import LoraEnvironmentError, LoraShapeError, LoraTypeError
+from .io.safetensors import as_path
 
 
 
@@ -128,7 +129,8 @@ def merge(client, base, adapter, out, *, dtype="keep", threads=None):
     client : distributed.Client
     base, adapter, out, dtype
         As for :func:`numba_lora.checkpoint.merge`.  The workers must reach
-        the same paths (a shared file system); give absolute paths.
+        the same paths (a shared file system); relative paths are made
+        absolute on the client.
     threads : int or None
         Numba and BLAS threads per task; None: :func:`thread_counts`.
 
@@ -138,6 +140,9 @@ def merge(client, base, adapter, out, *, dtype="keep", threads=None):
     """
     _dask()
     start = time.perf_counter()
+    # Absolute paths: a worker's working directory need not be the client's.
+    base, adapter, out = (as_path(p, what).absolute()
+                          for p, what in ((base, "base"), (adapter, "adapter"), (out, "out")))
     plan = checkpoint.plan_merge(base, adapter, dtype=dtype)
     threads = _check_threads(client, threads)
     output = checkpoint.Output(plan, out)

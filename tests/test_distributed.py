@@ -61,6 +61,17 @@ def test_merge_is_the_single_process_merge(client, tmp_path, model, tag):
         (alone.shards, alone.merged, alone.copied, alone.bytes)
 
 
+def test_merge_with_relative_paths(client, tmp_path, monkeypatch):
+    # The workers' working directory is not the client's after a chdir.
+    monkeypatch.chdir(tmp_path)
+    result = distributed.merge(client, FIXTURES / "gpt2_bf16", FIXTURES / "gpt2_adapter",
+                               "merged")
+    assert result.out == tmp_path / "merged"
+    alone = checkpoint.merge(FIXTURES / "gpt2_bf16", FIXTURES / "gpt2_adapter", "alone")
+    assert _files(tmp_path / "merged") == _files(tmp_path / "alone")
+    assert alone.out.name == "alone"
+
+
 def test_merge_refusals_and_task_failures_leave_nothing(client, tmp_path, monkeypatch):
     with pytest.raises(LoraKeyError, match="transformer.h.0.attn.c_attn"):
         distributed.merge(client, FIXTURES / "llama_bf16", FIXTURES / "gpt2_adapter",
