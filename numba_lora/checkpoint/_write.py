@@ -142,8 +142,18 @@ class _ShardJob:
     # ------------------------------------------------------- writer thread
     def _write(self):
         # Its own handle on the base file: the calling thread seeks the other.
-        with open(self.path, "rb", buffering=0) as src:
+        src = None
+        try:
+            src = open(self.path, "rb", buffering=0)
+        except BaseException as exc:
+            # Keep taking items (and handing buffers back), or the calling
+            # thread would wait for a buffer forever.
+            self._error = exc
+        try:
             self._write_from(_Copier(src, self._dst, self.path))
+        finally:
+            if src is not None:
+                src.close()
 
     def _write_from(self, copier):
         while True:

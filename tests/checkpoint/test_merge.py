@@ -493,3 +493,28 @@ def test_copying_through_user_space_with_concurrent_reads(tmp_path, rng, monkeyp
         checkpoint.merge(base, adapter, tmp_path / f"user{k}")
         assert (tmp_path / f"user{k}" / "model.safetensors").read_bytes() == \
             (tmp_path / "kernel" / "model.safetensors").read_bytes()
+
+
+def test_a_writer_that_cannot_open_the_base_does_not_hang(tmp_path, rng, monkeypatch):
+    # Three adapted tensors, two buffers: the calling thread needs a buffer
+    # back from a writer that failed at its start.
+    tensors, factors = {}, {}
+    for i in range(3):
+        tensors[f"model.layers.{i}.q.weight"] = rng.standard_normal((8, 6)).astype(np.float32)
+        factors[f"model.layers.{i}.q"] = (rng.standard_normal((2, 6)).astype(np.float32),
+                                          rng.standard_normal((8, 2)).astype(np.float32))
+    base = write_checkpoint(tmp_path / "base", [tensors], index=False)
+    adapter = write_adapter(tmp_path / "adapter", factors)
+    real_open = open
+
+    def writer_cannot_open(path, mode="r", *args, **kwargs):
+        import threading
+
+        if threading.current_thread().name.startswith("write ") and "r" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_write, "open", writer_cannot_open, raising=False)
+    with pytest.raises(PermissionError):
+        checkpoint.merge(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
