@@ -36,6 +36,14 @@ KINDS = {
     "f64": ("array", 1, types.float64, False),
     "real": ("scalar", 0, None, False),
     "int": ("scalar", 0, "int", False),
+    # kernels.convert: half-precision bits in uint16 arrays, and float32 only
+    # (the delta of a half-precision weight is computed in float32).
+    "u16_1": ("array", 1, types.uint16, False),
+    "u16_1w": ("array", 1, types.uint16, True),
+    "u16_2w": ("array", 2, types.uint16, True),
+    "f32_1": ("array", 1, types.float32, False),
+    "f32_1w": ("array", 1, types.float32, True),
+    "f32_2": ("array", 2, types.float32, False),
 }
 
 _FLOATS = (types.float32, types.float64)

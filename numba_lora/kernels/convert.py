@@ -25,7 +25,6 @@ from numba.extending import intrinsic
 
 from .._config import EXACT_OPTIONS
 from ..errors import LoraShapeError
-from . import _guard
 from ._guard import BLOCK_ROWS, guarded
 from .lora import COL_TILE, ROW_BLOCK, _check_lora_shapes, _rows_delta, _scratch
 
@@ -41,21 +40,6 @@ __all__ = [
 ]
 
 _BF16, _F16 = 0, 1
-
-# Argument kinds these kernels need beyond _guard's: bits in uint16 arrays,
-# and float32 arrays (the delta of a half-precision weight is float32 only).
-_KINDS = {
-    "u16_1": ("array", 1, types.uint16, False),
-    "u16_1w": ("array", 1, types.uint16, True),
-    "u16_2w": ("array", 2, types.uint16, True),
-    "f32_1": ("array", 1, types.float32, False),
-    "f32_1w": ("array", 1, types.float32, True),
-    "f32_2": ("array", 2, types.float32, False),
-}
-for _kind, _spec in _KINDS.items():
-    if _guard.KINDS.setdefault(_kind, _spec) != _spec:
-        raise ImportError(f"kernels._guard.KINDS already has a different {_kind!r}")
-
 
 # ------------------------------------------------------------ bit casts
 @intrinsic
