@@ -18,7 +18,7 @@ from .inputs import PASSTHROUGH, out_input, real_input
 from .layer_cases import kernel_scaling, watch_input, watch_layer, watch_out
 from .values import F32, F64, array_values, pick
 
-__all__ = ["GROUPS"]
+__all__ = ["api_cases", "session_cases"]
 
 
 def _gen(*items):
@@ -139,14 +139,14 @@ _NAMES_BAD = ["", "a..b", ".a", "a.", "a b", "a\n", "lora_A", "x.lora_B.y", "bas
 
 
 class AdapterSession:
-    def __init__(self, rng):
+    def __init__(self, rng, dtype):
         self.rng = rng
         self.config = LoraConfig(
             rank=pick(rng, [1, 2, 3]), alpha=pick(rng, [1.0, 4.0, 16.0]),
             fan_in_fan_out=bool(rng.random() < 0.2), use_rslora=bool(rng.random() < 0.3),
             rank_pattern=pick(rng, [{}, {"q": 1}]), alpha_pattern=pick(rng, [{}, {"v": 2.0}]))
         self.adapter = LoraAdapter(self.config)
-        self.dtype = pick(rng, [F32, F64])
+        self.dtype = dtype
         self.count = 0
         for _ in range(int(rng.integers(0, 4))):
             self._add_valid()
@@ -171,10 +171,10 @@ class AdapterSession:
         if rng.random() < 0.2:
             layer.disable()
 
-    def _watch(self, watch):
-        watch.state("adapter.layer_names", lambda: self.adapter.layer_names)
+    def _watch(self, watch, always=False):
+        watch.state("adapter.layer_names", lambda: self.adapter.layer_names, always)
         for name, layer in self.adapter.items():
-            watch_layer(watch, layer, prefix=name)
+            watch_layer(watch, layer, prefix=name, always=always)
 
     def add_layer(self):
         rng, config = self.rng, self.config
@@ -247,7 +247,7 @@ class AdapterSession:
                         else (o,), layer.dtype if layer else F32)
         names_ = ("x", "X") if layer is not None else ("layer", "adapter")
         watch = Watch()
-        self._watch(watch)
+        self._watch(watch, always=True)
         watch_input(watch, "x", x)
         watch_out(watch, out)
         if layer is not None:
@@ -362,20 +362,21 @@ def threads_cases(rng):
     numba_lora.set_num_threads(original)
 
 
-def group_adapter(rng):
-    """LoraConfig (~450), LoraAdapter (~600), set_num_threads (~30)."""
+def api_cases(rng):
+    """LoraConfig (~450), LoraAdapter() (~40), set_num_threads (~30): no kernel runs."""
     for _ in range(400):
         yield config_case(rng)
     for _ in range(50):
         yield pattern_lookup_case(rng)
     for _ in range(40):
         yield adapter_init_case(rng)
-    for _ in range(70):
-        session = AdapterSession(rng)
-        for _ in range(int(rng.integers(4, 12))):
-            op = pick(rng, {"add_layer": 3, "forward": 3, "lookup": 1, "merge_all": 2})
-            yield getattr(session, op)()
     yield from threads_cases(rng)
 
 
-GROUPS = {"adapter": group_adapter}
+def session_cases(rng, dtype, n_sessions=35):
+    """LoraAdapter sessions over ``dtype`` weights: add_layer, forwards, merge_all, ..."""
+    for _ in range(n_sessions):
+        session = AdapterSession(rng, dtype)
+        for _ in range(int(rng.integers(4, 12))):
+            op = pick(rng, {"add_layer": 3, "forward": 3, "lookup": 1, "merge_all": 2})
+            yield getattr(session, op)()

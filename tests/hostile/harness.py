@@ -47,6 +47,7 @@ class Watch:
 
     - inputs: never (refused or accepted);
     - state: only when the call is accepted (the check verifies the new value);
+      with ``always``, never (a forward must not change its layer);
     - regions (guarded memory, see ``memory.Region``): canary bytes never; an
       input region's array never; an output region's array only when accepted.
     """
@@ -61,16 +62,16 @@ class Watch:
         self._inputs.append((name, lambda: state_of(value)))
         return value
 
-    def state(self, name, getter):
-        """``getter()`` must be unchanged after a refused call."""
-        self._state.append((name, lambda: state_of(getter())))
+    def state(self, name, getter, always=False):
+        """``getter()`` must be unchanged after a refused call (with ``always``: after any)."""
+        self._state.append((name, lambda: state_of(getter()), always))
 
     def region(self, name, region, is_input):
         self._regions.append((name, region, is_input))
 
     def snapshot(self):
         return ({name: get() for name, get in self._inputs},
-                {name: get() for name, get in self._state},
+                {name: get() for name, get, _ in self._state},
                 {name: region.snapshot() for name, region, _ in self._regions})
 
     def changes(self, before, after, refused):
@@ -79,10 +80,10 @@ class Watch:
         for name in before[0]:
             if before[0][name] != after[0][name]:
                 problems.append(f"input {name} changed")
-        if refused:
-            for name in before[1]:
-                if before[1][name] != after[1][name]:
-                    problems.append(f"{name} changed although the call was refused")
+        for name, _, always in self._state:
+            if (refused or always) and before[1][name] != after[1][name]:
+                problems.append(f"{name} changed although the call was "
+                                + ("refused" if refused else "not one that changes it"))
         for name, region, is_input in self._regions:
             old, new = before[2][name], after[2][name]
             if not region.canaries_intact(old, new):

@@ -26,7 +26,7 @@ from .harness import Case, Watch
 from .memory import place
 from .values import F32, F64, array_values, float_scaling, pick
 
-__all__ = ["GROUPS", "KNOWN_BAD_DTYPES"]
+__all__ = ["forward_cases", "merge_cases", "multi_cases", "KNOWN_BAD_DTYPES"]
 
 #: Argument kinds: (ndim, dtype rule, written to).
 KINDS = {
@@ -481,37 +481,34 @@ def _typed(spec, rng, dtype, n_dtype=5, n_nonarray=3, n_bad_scalar=5, good=(), l
     yield from run_attacks(lambda: spec, rng, lambda: dtype, attacks)
 
 
-def group_forward(rng):
-    """kernels.forward and forward_stacked."""
-    yield from _valid(FORWARD, rng, (F32, F64), 400)
-    yield from _perturbed(FORWARD, rng, (F32, F64), 70)
-    yield from _valid(FORWARD_STACKED, rng, (F32, F64), 260)
-    yield from _perturbed(FORWARD_STACKED, rng, (F32, F64), 50)
-    yield from _typed(FORWARD_STACKED, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
-                      n_ndim=0, good=[1], layouts=[("WA", "F", "error")])
-    yield from _typed(FORWARD, rng, F32, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
-                      good=[2, np.uint64(7)],
-                      # A strided out is a TypingError, not a LoraError
-                      # (test_hostile.py::test_kernels_refuse_a_strided_out): kept out here.
-                      layouts=[("W", "F", "error")])
-    yield from _typed(FORWARD, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2, n_ndim=0,
-                      good=[np.float32(0.5)], layouts=[("x", "strided", "error")],
-                      readonly_inputs=("W", "x"))
-
-
-def group_forward_batch(rng):
-    """kernels.forward_batch and forward_batch_stacked."""
-    yield from _valid(FORWARD_BATCH, rng, (F32, F64), 360)
-    yield from _perturbed(FORWARD_BATCH, rng, (F32, F64), 70)
-    yield from _valid(FORWARD_BATCH_STACKED, rng, (F32, F64), 260)
-    yield from _perturbed(FORWARD_BATCH_STACKED, rng, (F32, F64), 50)
-    yield from _typed(FORWARD_BATCH_STACKED, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
-                      n_ndim=0, good=[np.int64(2)], layouts=[("X", "F", "error")])
-    yield from _typed(FORWARD_BATCH, rng, F64, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
-                      good=[2], layouts=[("X", "F", "error")])
-    yield from _typed(FORWARD_BATCH, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2, n_ndim=0,
-                      layouts=[("out", "F", "error")],
-                      readonly_inputs=("A", "B"))
+def forward_cases(rng, dtype):
+    """forward, forward_batch and the stacked pair, for one dtype."""
+    for spec, n_valid, n_perturbed in ((FORWARD, 200, 35), (FORWARD_STACKED, 130, 25),
+                                       (FORWARD_BATCH, 180, 35),
+                                       (FORWARD_BATCH_STACKED, 130, 25)):
+        yield from _valid(spec, rng, (dtype,), n_valid)
+        yield from _perturbed(spec, rng, (dtype,), n_perturbed)
+    # Type attacks: each dtype leads on two of the four kernels.
+    if dtype == F32:
+        yield from _typed(FORWARD, rng, F32, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
+                          good=[2, np.uint64(7)],
+                          # A strided out is a TypingError, not a LoraError
+                          # (test_hostile.py::test_kernels_refuse_a_strided_out): kept out.
+                          layouts=[("W", "F", "error")])
+        yield from _typed(FORWARD_BATCH, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
+                          n_ndim=0, layouts=[("out", "F", "error")],
+                          readonly_inputs=("A", "B"))
+        yield from _typed(FORWARD_BATCH_STACKED, rng, F32, n_dtype=2, n_nonarray=1,
+                          n_bad_scalar=2, n_ndim=0, good=[np.int64(2)],
+                          layouts=[("X", "F", "error")])
+    else:
+        yield from _typed(FORWARD_BATCH, rng, F64, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
+                          good=[2], layouts=[("X", "F", "error")])
+        yield from _typed(FORWARD, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
+                          n_ndim=0, good=[np.float32(0.5)],
+                          layouts=[("x", "strided", "error")], readonly_inputs=("W", "x"))
+        yield from _typed(FORWARD_STACKED, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
+                          n_ndim=0, good=[1], layouts=[("WA", "F", "error")])
 
 
 def _merge_group(rng, dtype, extra):
@@ -531,8 +528,12 @@ def _merge_group(rng, dtype, extra):
         yield from run_attacks(lambda: spec, rng, lambda: dtype, [(attack, repeat)])
 
 
-def group_merge_f32(rng):
-    """merge, unmerge, *_serial, count_nonfinite_*: float32."""
+def merge_cases(rng, dtype):
+    """merge, unmerge, *_serial, count_nonfinite_*, for one dtype."""
+    yield from (_merge_f32 if dtype == F32 else _merge_f64)(rng)
+
+
+def _merge_f32(rng):
     yield from _merge_group(rng, F32, [
         (MERGES[3], Attack("scaling = int", "correct", replace={"scaling": 3}), 12),
         (COUNT, Attack("W read-only (flag; documented as allowed)", "correct",
@@ -540,8 +541,7 @@ def group_merge_f32(rng):
     ])
 
 
-def group_merge_f64(rng):
-    """merge, unmerge, *_serial, count_nonfinite_*: float64."""
+def _merge_f64(rng):
     yield from _merge_group(rng, F64, [
         (MERGES[2], Attack("scaling = np.uint64", "correct",
                            replace={"scaling": np.uint64(5)}), 12),
@@ -599,7 +599,7 @@ def _multi_content_cases(rng, dtypes):
         yield kernel_case(spec, rng, dtype, Attack(what, "error", names), made=(dims, values))
 
 
-def group_multi(rng):
+def multi_cases(rng):
     """The three multi-adapter kernels and group_rows."""
     for spec in MULTIS:
         yield from _valid(spec, rng, (F32, F64), 130)
@@ -641,10 +641,3 @@ def group_multi(rng):
     yield from run_attacks(lambda: GROUP_ROWS, rng, lambda: None, attacks)
 
 
-GROUPS = {
-    "kernels-merge-f64": group_merge_f64,
-    "kernels-merge-f32": group_merge_f32,
-    "kernels-multi": group_multi,
-    "kernels-forward": group_forward,
-    "kernels-forward_batch": group_forward_batch,
-}

@@ -23,7 +23,7 @@ from .harness import Case, Watch
 from .inputs import PASSTHROUGH, out_input, real_input
 from .values import F32, F64, array_values, pick
 
-__all__ = ["GROUPS", "layer_state", "watch_layer"]
+__all__ = ["constructor_cases", "session_cases", "layer_state", "watch_layer"]
 
 
 # ------------------------------------------------------------ shared helpers
@@ -32,14 +32,14 @@ def layer_state(layer):
             layer.scaling, layer.rank, layer.alpha, layer.use_rslora)
 
 
-def watch_layer(watch, layer, prefix="layer"):
-    watch.state(f"{prefix}.weight", lambda: layer.weight)
-    watch.state(f"{prefix}.lora_a", lambda: layer.lora_a)
-    watch.state(f"{prefix}.lora_b", lambda: layer.lora_b)
-    watch.state(f"{prefix}.is_merged", lambda: layer.is_merged)
-    watch.state(f"{prefix}.is_enabled", lambda: layer.is_enabled)
+def watch_layer(watch, layer, prefix="layer", always=False):
+    watch.state(f"{prefix}.weight", lambda: layer.weight, always)
+    watch.state(f"{prefix}.lora_a", lambda: layer.lora_a, always)
+    watch.state(f"{prefix}.lora_b", lambda: layer.lora_b, always)
+    watch.state(f"{prefix}.is_merged", lambda: layer.is_merged, always)
+    watch.state(f"{prefix}.is_enabled", lambda: layer.is_enabled, always)
     watch.state(f"{prefix}.scaling/rank/alpha",
-                lambda: (layer.scaling, layer.rank, layer.alpha, layer.use_rslora))
+                lambda: (layer.scaling, layer.rank, layer.alpha, layer.use_rslora), always)
 
 
 def kernel_scaling(merged, enabled, scaling):
@@ -176,8 +176,7 @@ def constructor_case(rng):
 
 
 # ---------------------------------------------------------------- sessions
-def _new_layer(rng):
-    dtype = pick(rng, [F32, F64])
+def _new_layer(rng, dtype):
     o = pick(rng, {1: 2, 2: 3, 3: 3, 4: 3, 5: 2, 7: 2, 9: 1, 17: 1})
     i = pick(rng, {1: 2, 2: 3, 3: 3, 4: 3, 5: 2, 7: 2, 9: 1, 16: 1})
     rank = int(rng.integers(1, min(o, i) + 1))
@@ -235,7 +234,7 @@ def _forward_case(rng, layer, op):
     W0, A0, B0 = layer.weight.copy(), layer.lora_a.copy(), layer.lora_b.copy()
     k = kernel_scaling(layer.is_merged, layer.is_enabled, layer.scaling)
     watch = Watch()
-    watch_layer(watch, layer)
+    watch_layer(watch, layer, always=True)  # a forward never changes its layer
     watch_input(watch, "x", x)
     watch_out(watch, out)
 
@@ -362,8 +361,8 @@ def _toggle_case(rng, layer):
                 getattr(layer, op), "correct", check, (), watch)
 
 
-def session(rng, n_ops):
-    layer = _new_layer(rng)
+def session(rng, n_ops, dtype):
+    layer = _new_layer(rng, dtype)
     for _ in range(n_ops):
         op = pick(rng, {"forward": 4, "forward_batch": 4, "__call__": 3, "setter": 5,
                         "merge": 2, "unmerge": 2, "toggle": 1})
@@ -377,12 +376,13 @@ def session(rng, n_ops):
             yield _toggle_case(rng, layer)
 
 
-def group_layer(rng):
-    """LoraLinear: ~350 constructor cases, ~1300 operations in ~160 sessions."""
-    for _ in range(350):
+def constructor_cases(rng, n=350):
+    """LoraLinear(...): no kernel runs, so these go with the other API-only cases."""
+    for _ in range(n):
         yield constructor_case(rng)
-    for _ in range(160):
-        yield from session(rng, int(rng.integers(4, 13)))
 
 
-GROUPS = {"layer": group_layer}
+def session_cases(rng, dtype, n_sessions=80):
+    """LoraLinear operations of ``dtype`` layers, in sessions of 4-12 calls."""
+    for _ in range(n_sessions):
+        yield from session(rng, int(rng.integers(4, 13)), dtype)
