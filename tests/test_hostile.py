@@ -298,12 +298,6 @@ _COLLIDE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels: guarded() compiles every kernel's body call "
-                   "through a closure with one qualname (guarded.<locals>._typed.<locals>.call); "
-                   "two processes give the closures of two kernels with the same argument types "
-                   "the same symbol (same uid), and a process that loads both from the on-disk "
-                   "cache runs the first one loaded for both: here unmerge_serial adds the delta "
-                   "(merge/unmerge, count_nonfinite_merged/merge likewise: a count that writes W)")
 def test_kernels_cached_by_different_processes_stay_distinct():
     with _private_cache("collision") as (cache_dir, finished):
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)

@@ -88,6 +88,21 @@ def _problem(kernel, names, kinds, argtypes):
     return None
 
 
+def _named(function, name):
+    """``function`` under a name of its own, for Numba's symbol names.
+
+    Numba names compiled code after the function's qualified name plus a
+    per-process counter.  Every kernel's closures here share one qualified
+    name, so the same symbol could stand for two kernels compiled by two
+    processes, and a third process that loads both from the disk cache
+    would run one in place of the other (seen: ``unmerge_serial`` adding).
+    A qualified name per kernel makes the symbols differ whatever the
+    counter says.
+    """
+    function.__name__ = function.__qualname__ = name
+    return function
+
+
 def guarded(kernel, params, impl):
     """A function that calls ``impl`` when the argument types fit ``params``, else raises.
 
@@ -119,12 +134,12 @@ def guarded(kernel, params, impl):
         if found is None:
             def call(*args):
                 return impl(*args)
-            return call
+            return _named(call, f"_guarded_{kernel}_call")
         exc, message = found
 
         def refuse(*args):
             raise exc(message)
-        return refuse
+        return _named(refuse, f"_guarded_{kernel}_refuse")
 
     checked.__name__ = checked.__qualname__ = f"_checked_{kernel}"
     return checked
