@@ -33,7 +33,9 @@ class FrozenWeight:
 
 
 def readonly(array):
-    """A view of ``array`` that cannot be written through."""
-    view = array.view()
-    view.flags.writeable = False
-    return view
+    """A view of ``array`` that cannot be written through, nor made writable again.
+
+    NumPy lets a view be flagged writable again whenever the memory's owner
+    is writable; a view of a read-only memoryview cannot be.
+    """
+    return np.asarray(memoryview(array).toreadonly())

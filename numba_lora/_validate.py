@@ -133,13 +133,13 @@ def as_weight(weight, extra_rows=0):
     With ``extra_rows``, the copy is the top of a C-contiguous buffer with that
     many more (uninitialised) rows below it, for a layer that stacks its A
     under W; the weight is converted straight into it, with no second copy.
-    ``weight`` may also be the ``(array, dtype)`` pair :func:`checked_weight`
-    returned.
     """
-    if isinstance(weight, tuple) and len(weight) == 2 and isinstance(weight[0], np.ndarray):
-        array, dtype = weight
-    else:
-        array, dtype = checked_weight(weight)
+    return stacked_copy(*checked_weight(weight), extra_rows)
+
+
+def stacked_copy(array, dtype, extra_rows=0):
+    """``array`` converted to ``dtype`` into the top of a C-contiguous buffer with
+    ``extra_rows`` more (uninitialised) rows; ``array`` comes from :func:`checked_weight`."""
     out_features, in_features = array.shape
     buffer = np.empty((out_features + extra_rows, in_features), dtype=dtype)
     buffer[:out_features] = array

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._validate import as_array
+from ._validate import as_array, check_flag
 from .config import LoraConfig
 from .errors import LoraConfigError, LoraKeyError, LoraTypeError
 from .io.peft import check_module_name, module_aliases
@@ -152,7 +152,7 @@ class LoraAdapter:
         merged, so a refusal leaves the whole adapter as it was.
         """
         pending = [layer for layer in self._layers.values() if not layer.is_merged]
-        if check_finite:
+        if check_flag(check_finite, "check_finite"):
             for name, layer in self._layers.items():
                 if not layer.is_merged:
                     layer._check_merge_finite(f"merging layer {name!r}")

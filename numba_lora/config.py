@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import check_alpha, check_rank
-from .errors import LoraConfigError
+from .errors import LoraConfigError, LoraTypeError
 
 __all__ = ["LoraConfig", "pattern_key", "check_field", "ALIASES", "TASK_TYPES"]
 
@@ -29,6 +29,9 @@ def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
     expression that must match a whole trailing run of dotted components,
     ``re.match(rf"(.*\\.)?({key})$", module_name)``; keys are tried in order.
     """
+    if not isinstance(module_name, str):
+        raise LoraTypeError(
+            f"module_name must be a str, got {type(module_name).__name__} {module_name!r}")
     for key in patterns:
         if re.match(_pattern_regex(key), module_name):
             return key

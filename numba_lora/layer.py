@@ -20,13 +20,14 @@ from ._validate import (
     as_factor,
     as_real_array,
     as_rng,
-    as_weight,
+    check_flag,
     checked_weight,
     check_alpha,
     check_out,
     check_rank,
     check_scaling,
     check_shape,
+    stacked_copy,
 )
 from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraStateError
 
@@ -108,7 +109,7 @@ class LoraLinear(FrozenWeight):
         # W and A are row blocks of one C-contiguous buffer, so that one
         # matrix-vector product over [W; A] reads both in a single pass
         # (kernels.forward_stacked); self._W and self._A are views of it.
-        WA = as_weight(checked, extra_rows=rank)
+        WA = stacked_copy(*checked, extra_rows=rank)
         bound = 1.0 / math.sqrt(in_features)
         # Drawn in float64 and rounded once, so float32 and float64 layers
         # with the same seed start from the same numbers.
@@ -117,7 +118,7 @@ class LoraLinear(FrozenWeight):
         self._B = np.zeros((out_features, rank), dtype=WA.dtype)
         self._rank = rank
         self._alpha = alpha
-        self._use_rslora = bool(use_rslora)
+        self._use_rslora = check_flag(use_rslora, "use_rslora")
         self._scaling = check_scaling(
             alpha / (math.sqrt(rank) if self._use_rslora else rank), WA.dtype)
         self._merged = False
@@ -280,7 +281,7 @@ class LoraLinear(FrozenWeight):
             if self._merged:
                 raise LoraStateError(
                     "cannot merge: the layer is already merged; call unmerge() first")
-            if check_finite:
+            if check_flag(check_finite, "check_finite"):
                 self._check_merge_finite()
             kernels.merge(self._W, self._A, self._B, self._scaling)
             self._merged = True

@@ -210,6 +210,10 @@ class MultiLoraLinear(FrozenWeight):
     def _ids(self, adapter_ids, batch, packed):
         """``adapter_ids`` as a C-contiguous int64 array, every entry checked, nothing wrapped."""
         n = len(packed.names)
+        if isinstance(adapter_ids, (set, frozenset, dict)):
+            raise LoraTypeError(
+                "adapter_ids must be an ordered sequence (one entry per row), got a "
+                f"{type(adapter_ids).__name__}, whose order is not the rows'")
         if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "biufc":
             if adapter_ids.dtype.kind not in "iu":
                 raise LoraTypeError(

@@ -222,9 +222,10 @@ _dgemv = _gemv_ext(types.float64)
 @njit(**JIT_OPTIONS)
 def _scale(beta, c):
     """c = beta * c, with beta == 0 writing zeros (as BLAS does) even over NaN."""
-    flat = c.reshape(-1)
-    for i in range(flat.shape[0]):
-        flat[i] = beta * flat[i] if beta != 0 else 0
+    # Element by element through the array's own indexing (no reshape, which
+    # Numba cannot type for a non-contiguous layout).
+    for index in np.ndindex(c.shape):
+        c[index] = beta * c[index] if beta != 0 else 0
 
 
 @njit(**JIT_OPTIONS)
