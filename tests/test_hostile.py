@@ -15,24 +15,33 @@ ids, corrupt PEFT files, hostile paths.  Each outcome is classified as
 
 and anything else fails the test.  Kernel arrays sit against ``PROT_NONE``
 guard pages with canaries around them (inputs on read-only pages), so an
-out-of-bounds access or a write to an input faults; every group of cases
-runs in a subprocess, so a fault fails one test instead of the run.  Known
-library bugs are kept out of the generated cases and pinned by the strict
-``xfail`` tests at the end of this module.
+out-of-bounds access or a write to an input faults; the cases run in five
+subprocess groups, so a fault fails one test instead of the run.  Library
+bugs the cases found are pinned by the tests at the end of this module:
+strict ``xfail`` for the open ones (their inputs kept out of the generated
+cases), plain tests for the ones fixed since.
 
-Counts (seed 0; ``python -m pytest -s tests/test_hostile.py`` prints them):
+Counts (seed 0; ``python -m pytest -s tests/test_hostile.py`` prints them, and
+by call):
 
-    area                                     cases   errors  correct
-    kernels (13 public kernels)               3,742    1,118    2,624
-    LoraLinear                                1,570      733      837
-    MultiLoraLinear                           1,439      681      758
-    LoraConfig, LoraAdapter, set_num_threads  1,163      599      564
-    PEFT files (from_peft, save_peft)           700      528      172
-    total                                     8,614    3,659    4,955
+    area                                       cases  errors correct
+    kernels (22 public kernels)                5,460   1,080   4,380
+    LoraLinear                                 1,632     861     771
+    MultiLoraLinear                            1,237     684     553
+    LoraConfig, LoraAdapter, set_num_threads   1,059     517     542
+    PEFT files (from_peft, save_peft)            700     524     176
+    total                                     10,088   3,666   6,422
 
-with 314 distinct kernel argument-type combinations (compilations).
+with 203 distinct kernel argument-type combinations (compilations).
 
-``NUMBA_LORA_HOSTILE_SEED=<n>`` runs another seed (the counts change a little).
+Time on 2 cores: ~15 s with the Numba cache warm; ~50 s when only the
+kernels' plain float32/float64 versions are cached (as after the rest of the
+suite); 2-3 minutes from an empty cache, most of it numba_lora compiling its
+own kernels (the merge family and the half-precision merges take ~2 minutes
+of CPU).  The groups use the inherited cache; with
+``NUMBA_LORA_HOSTILE_PRIVATE_CACHE=1`` each gets one of its own that a single
+process fills (see "the runs" below).  ``NUMBA_LORA_HOSTILE_SEED=<n>`` runs
+another seed.
 """
 
 import collections
@@ -78,13 +87,15 @@ AREAS = [("kernels", "kernels"), ("LoraLinear", "LoraLinear"),
 
 
 # ---------------------------------------------------------------- the runs
-# Each group's subprocess gets a Numba cache of its own, filled by one process
-# and kept for the next run.  Compiled code from two processes must never meet
-# in one: the guard's closures of different kernels get the same symbol names
-# in different processes, so the first one loaded runs for both
-# (test_kernels_cached_by_different_processes_stay_distinct).  A cache that a
-# run did not finish is emptied, since its later filling would come from
-# another process.
+# The groups' subprocesses share the inherited Numba cache (the suite's), so
+# kernels the rest of the suite compiled are not compiled again.  With
+# NUMBA_LORA_HOSTILE_PRIVATE_CACHE=1 each group gets a cache of its own instead,
+# filled by one process only and kept for the next run: results then cannot
+# depend on code other processes left in the shared cache (two processes once
+# compiled two kernels under one symbol: see
+# test_kernels_cached_by_different_processes_stay_distinct).  A private cache
+# that a run did not finish is emptied, since its later filling would come
+# from another process.
 def _cache_key(name):
     from numba_lora._cache import source_digest
 
@@ -134,12 +145,10 @@ def _prune(root, name, keep, fcntl):
 
 
 def _run(group):
-    if os.environ.get("NUMBA_LORA_HOSTILE_SHARED_CACHE") == "1":
-        # The inherited cache (faster, shared with the rest of the suite): safe once
-        # test_kernels_cached_by_different_processes_stay_distinct passes.
-        cache = contextlib.nullcontext((os.environ.get("NUMBA_CACHE_DIR"), lambda: None))
-    else:
+    if os.environ.get("NUMBA_LORA_HOSTILE_PRIVATE_CACHE") == "1":
         cache = _private_cache(group)
+    else:
+        cache = contextlib.nullcontext((os.environ.get("NUMBA_CACHE_DIR"), lambda: None))
     with cache as (cache_dir, finished):
         env = dict(os.environ)
         if cache_dir:
@@ -157,18 +166,27 @@ def _run(group):
         return proc.returncode, proc.stdout, proc.stderr
 
 
+#: Subprocess jobs of single tests (name: (test, function)), started with the groups so
+#: that all of them share the cores; filled in below, beside the tests.
+JOBS = {}
+#: The order to start groups and jobs in: the longest first.
+ORDER = ["float64", "float32", "collision", "convert", "multi", "rows_path", "api"]
+
+
 @pytest.fixture(scope="module")
 def runs(request):
-    """{group: future of (returncode, stdout, stderr)}: the selected groups, started at once."""
-    selected = {item.callspec.params["group"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")
-                and "group" in item.callspec.params}
-    if any(item.module is request.module and item.name == "test_case_counts"
-           for item in request.session.items):
+    """{group or job: future of its result}: the selected ones, started at once."""
+    items = [item for item in request.session.items if item.module is request.module]
+    selected = {item.callspec.params["group"] for item in items
+                if hasattr(item, "callspec") and "group" in item.callspec.params}
+    if any(item.name == "test_case_counts" for item in items):
         selected = set(GROUPS)
+    names = {item.originalname for item in items}
+    selected |= {job for job, (test, _) in JOBS.items() if test in names}
     workers = max(1, min(4, os.cpu_count() or 1))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = {g: pool.submit(_run, g) for g in GROUPS if g in selected}
+    futures = {name: pool.submit(_run, name) if name in GROUPS else pool.submit(JOBS[name][1])
+               for name in ORDER if name in selected}
     yield futures
     pool.shutdown(wait=True)
 
@@ -278,14 +296,101 @@ def test_guard_page_faults_on_overrun():
     assert proc.stdout.strip() == "5.0" and proc.returncode != 0, (proc.returncode, proc.stdout)
 
 
-# ------------------------------------------------------- known library bugs
-# Each is kept out of the generated cases; each test fails until the bug is fixed.
 def _lora(dtype=np.float64, o=3, i=4, r=2):
     rng = np.random.default_rng(0)
     return (rng.standard_normal((o, i)).astype(dtype), rng.standard_normal((r, i)).astype(dtype),
             rng.standard_normal((o, r)).astype(dtype))
 
 
+# ------------------------------------------- bugs this suite found, fixed since
+# Each failed here (as a strict xfail) until numba_lora fixed it (c80bad2, 632fcc8).
+
+# Was a strict xfail: kernels: a non-contiguous (A-layout) out makes the kernel body fail to
+# compile (_blas._scale calls out.reshape(-1)): a Numba TypingError instead of a LoraShapeError
+@pytest.mark.parametrize("kernel", ["forward", "forward_batch", "forward_batch_multi"])
+def test_kernels_refuse_a_strided_out(kernel):
+    W, A, B = _lora()
+    X = np.ones((2, 4))
+    with pytest.raises(LoraError, match="out"):
+        if kernel == "forward":
+            kernels.forward(W, A, B, 1.0, X[0], np.empty(6)[::2])
+        elif kernel == "forward_batch":
+            kernels.forward_batch(W, A, B, 1.0, X, np.empty((2, 6))[:, ::2])
+        else:
+            kernels.forward_batch_multi(W, A, B.T.copy(), np.array([0, 2]), np.array([1.0]), X,
+                                        np.array([0, -1]), np.empty((2, 6))[:, ::2])
+
+
+# Was a strict xfail: LoraLinear(use_rslora=...) takes any truthy or falsy value
+# (bool(use_rslora)); MultiLoraLinear.add_adapter and LoraConfig refuse them
+@pytest.mark.parametrize("value", ["no", None, 1, "False"])
+def test_lora_linear_use_rslora_is_checked(value):
+    with pytest.raises(LoraError, match="use_rslora"):
+        LoraLinear(np.ones((3, 3)), 1, 1.0, use_rslora=value)
+
+
+# Was a strict xfail: merge(check_finite=...) and merge_all(check_finite=...) take any truthy
+# value: 'no' checks, None does not
+@pytest.mark.parametrize("how", ["LoraLinear.merge", "LoraAdapter.merge_all"])
+def test_check_finite_is_checked(how):
+    with pytest.raises(LoraError, match="check_finite"):
+        if how == "LoraLinear.merge":
+            LoraLinear(np.ones((3, 3)), 1, 1.0).merge(check_finite="no")
+        else:
+            adapter = LoraAdapter(LoraConfig(1, 1.0))
+            adapter.add_layer("q", np.ones((3, 3)))
+            adapter.merge_all(check_finite="no")
+
+
+# Was a strict xfail: the 'read-only' views of weight, lora_a and lora_b are views of writable
+# arrays: view.flags.writeable = True succeeds, and writes through them change the layer
+@pytest.mark.parametrize("attribute", ["LoraLinear.weight", "LoraLinear.lora_a",
+                                       "LoraLinear.lora_b", "MultiLoraLinear.weight"])
+def test_read_only_views_stay_read_only(attribute):
+    owner, name = attribute.split(".")
+    layer = LoraLinear(np.ones((3, 3)), 1, 1.0) if owner == "LoraLinear" else \
+        MultiLoraLinear(np.ones((3, 3)))
+    view = getattr(layer, name)
+    with pytest.raises(ValueError):
+        view.flags.writeable = True
+
+
+# Was a strict xfail: MultiLoraLinear(weight) hands weight to as_weight, which takes any tuple
+# (ndarray, x) for its own internal (array, dtype) pair: two rows given as a tuple raise
+# ValueError, (W, np.int8) makes an int8 layer
+@pytest.mark.parametrize("weight", ["two rows", "array and dtype"])
+def test_multi_weight_tuple_of_two_rows(weight):
+    value = (np.ones(3), np.ones(3)) if weight == "two rows" else (np.ones((2, 3)), np.int8)
+    if weight == "two rows":
+        assert MultiLoraLinear(value).weight.shape == (2, 3)
+    else:
+        with pytest.raises(LoraError, match="weight"):
+            MultiLoraLinear(value)
+
+
+# Was a strict xfail: MultiLoraLinear.forward_batch takes a set (or dict) of adapter ids or
+# names: rows get adapters in hash order, which for names changes with PYTHONHASHSEED
+@pytest.mark.parametrize("ids", [{"a", "b"}, {"a": 0, "b": 1}])
+def test_multi_ids_must_be_a_sequence(ids):
+    layer = MultiLoraLinear(np.eye(3))
+    layer.add_adapter("a", np.ones((1, 3)), np.ones((3, 1)), 1.0)
+    layer.add_adapter("b", -np.ones((1, 3)), np.ones((3, 1)), 1.0)
+    with pytest.raises(LoraError, match="adapter_ids"):
+        layer.forward_batch(np.ones((2, 3)), ids)
+
+
+# Was a strict xfail: LoraConfig.rank_for/alpha_for with a non-str module name: a bare TypeError
+# from re.match when a pattern is set (and the default, silently, when none is)
+@pytest.mark.parametrize("name", [None, 5, b"q"])
+def test_config_pattern_lookup_refuses_non_strings(name):
+    config = LoraConfig(2, 4.0, rank_pattern={"q": 3})
+    with pytest.raises(LoraError):
+        config.rank_for(name)
+
+
+# Was a strict xfail: guard closures of every kernel shared one qualified name, so two
+# processes could compile two kernels under one symbol, and a process loading both
+# from the disk cache ran the first loaded for both (unmerge_serial added the delta).
 _COLLIDE = textwrap.dedent("""
     import sys
     import numpy as np
@@ -298,7 +403,7 @@ _COLLIDE = textwrap.dedent("""
 """)
 
 
-def test_kernels_cached_by_different_processes_stay_distinct():
+def _collision_job():
     with _private_cache("collision") as (cache_dir, finished):
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
         # Each kernel compiled (or, on later runs, loaded) by a process of its own, side by
@@ -307,15 +412,27 @@ def test_kernels_cached_by_different_processes_stay_distinct():
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for name in ("merge_serial", "unmerge_serial")]
         for proc in first:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err
+            _, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                return proc.returncode, "", err
         proc = subprocess.run([sys.executable, "-c", _COLLIDE, "merge_serial", "unmerge_serial"],
                               env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        finished()
-    assert proc.stdout.split() == ["merge_serial", "1.0", "unmerge_serial", "-1.0"]
+        if proc.returncode == 0:
+            finished()
+        return proc.returncode, proc.stdout, proc.stderr
 
 
+JOBS["collision"] = ("test_kernels_cached_by_different_processes_stay_distinct", _collision_job)
+
+
+def test_kernels_cached_by_different_processes_stay_distinct(runs):
+    rc, stdout, stderr = runs["collision"].result()
+    assert rc == 0, stderr
+    assert stdout.split() == ["merge_serial", "1.0", "unmerge_serial", "-1.0"]
+
+
+# ------------------------------------------------------- known library bugs
+# Each is kept out of the generated cases; each test fails until the bug is fixed.
 @pytest.mark.xfail(strict=True, reason="kernels: float16 makes Numba raise NotImplementedError "
                    "while lowering the guard's refusal, instead of a LoraDtypeError")
 @pytest.mark.parametrize("what", ["x float16", "scaling np.float16"])
@@ -360,23 +477,6 @@ def test_kernels_refuse_untypeable_arguments(what):
         kernels.forward(W, A, B, scaling, x, out)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels: a non-contiguous (A-layout) out makes the "
-                   "kernel body fail to compile (_blas._scale calls out.reshape(-1)): a Numba "
-                   "TypingError instead of a LoraShapeError")
-@pytest.mark.parametrize("kernel", ["forward", "forward_batch", "forward_batch_multi"])
-def test_kernels_refuse_a_strided_out(kernel):
-    W, A, B = _lora()
-    X = np.ones((2, 4))
-    with pytest.raises(LoraError, match="out"):
-        if kernel == "forward":
-            kernels.forward(W, A, B, 1.0, X[0], np.empty(6)[::2])
-        elif kernel == "forward_batch":
-            kernels.forward_batch(W, A, B, 1.0, X, np.empty((2, 6))[:, ::2])
-        else:
-            kernels.forward_batch_multi(W, A, B.T.copy(), np.array([0, 2]), np.array([1.0]), X,
-                                        np.array([0, -1]), np.empty((2, 6))[:, ::2])
-
-
 @pytest.mark.xfail(strict=True, reason="kernels.group_rows: a huge n_adapters reaches "
                    "np.zeros(n_adapters + 1): ValueError (or MemoryError) instead of a LoraError")
 @pytest.mark.parametrize("n", [2 ** 62, 2 ** 63 - 1])
@@ -386,7 +486,8 @@ def test_group_rows_refuses_huge_n_adapters(n):
 
 
 @pytest.mark.xfail(strict=True, reason="kernels.count_nonfinite_remerged: its shape errors come "
-                   "from the shared _check_lora_shapes and say 'A'/'B', not A_old/B_old/A_new/B_new")
+                   "from the shared _check_lora_shapes and say 'A'/'B', not "
+                   "A_old/B_old/A_new/B_new")
 def test_count_nonfinite_remerged_names_the_pair():
     W, A, B = _lora()
     with pytest.raises(LoraError, match="A_new|B_new"):
@@ -403,41 +504,6 @@ def test_kernels_refuse_out_aliasing_an_input():
         kernels.forward(W, A, B, 1.0, x, x)
 
 
-@pytest.mark.xfail(strict=True, reason="LoraLinear(use_rslora=...) takes any truthy or falsy "
-                   "value (bool(use_rslora)); MultiLoraLinear.add_adapter and LoraConfig refuse them")
-@pytest.mark.parametrize("value", ["no", None, 1, "False"])
-def test_lora_linear_use_rslora_is_checked(value):
-    with pytest.raises(LoraError, match="use_rslora"):
-        LoraLinear(np.ones((3, 3)), 1, 1.0, use_rslora=value)
-
-
-@pytest.mark.xfail(strict=True, reason="merge(check_finite=...) and merge_all(check_finite=...) "
-                   "take any truthy value: 'no' checks, None does not")
-@pytest.mark.parametrize("how", ["LoraLinear.merge", "LoraAdapter.merge_all"])
-def test_check_finite_is_checked(how):
-    with pytest.raises(LoraError, match="check_finite"):
-        if how == "LoraLinear.merge":
-            LoraLinear(np.ones((3, 3)), 1, 1.0).merge(check_finite="no")
-        else:
-            adapter = LoraAdapter(LoraConfig(1, 1.0))
-            adapter.add_layer("q", np.ones((3, 3)))
-            adapter.merge_all(check_finite="no")
-
-
-@pytest.mark.xfail(strict=True, reason="the 'read-only' views of weight, lora_a and lora_b are "
-                   "views of writable arrays: view.flags.writeable = True succeeds, and writes "
-                   "through them change the layer")
-@pytest.mark.parametrize("attribute", ["LoraLinear.weight", "LoraLinear.lora_a",
-                                       "LoraLinear.lora_b", "MultiLoraLinear.weight"])
-def test_read_only_views_stay_read_only(attribute):
-    owner, name = attribute.split(".")
-    layer = LoraLinear(np.ones((3, 3)), 1, 1.0) if owner == "LoraLinear" else \
-        MultiLoraLinear(np.ones((3, 3)))
-    view = getattr(layer, name)
-    with pytest.raises(ValueError):
-        view.flags.writeable = True
-
-
 @pytest.mark.xfail(strict=True, reason="check_out compares out with the converted copy of x, "
                    "not the caller's x: out overlapping a strided (or other-dtype) x is accepted "
                    "and overwrites it, while the same overlap with a contiguous x is refused")
@@ -448,37 +514,18 @@ def test_out_overlapping_a_strided_input_is_refused():
         layer.forward(buf[::2], out=buf[1:5])
 
 
-@pytest.mark.xfail(strict=True, reason="MultiLoraLinear(weight) hands weight to as_weight, which "
-                   "takes any tuple (ndarray, x) for its own internal (array, dtype) pair: two rows "
-                   "given as a tuple raise ValueError, (W, np.int8) makes an int8 layer")
-@pytest.mark.parametrize("weight", ["two rows", "array and dtype"])
-def test_multi_weight_tuple_of_two_rows(weight):
-    value = (np.ones(3), np.ones(3)) if weight == "two rows" else (np.ones((2, 3)), np.int8)
-    if weight == "two rows":
-        assert MultiLoraLinear(value).weight.shape == (2, 3)
-    else:
-        with pytest.raises(LoraError, match="weight"):
-            MultiLoraLinear(value)
-
-
-@pytest.mark.xfail(strict=True, reason="MultiLoraLinear.forward_batch takes a set (or dict) of "
-                   "adapter ids or names: rows get adapters in hash order, which for names "
-                   "changes with PYTHONHASHSEED")
-@pytest.mark.parametrize("ids", [{"a", "b"}, {"a": 0, "b": 1}])
-def test_multi_ids_must_be_a_sequence(ids):
-    layer = MultiLoraLinear(np.eye(3))
-    layer.add_adapter("a", np.ones((1, 3)), np.ones((3, 1)), 1.0)
-    layer.add_adapter("b", -np.ones((1, 3)), np.ones((3, 1)), 1.0)
-    with pytest.raises(LoraError, match="adapter_ids"):
-        layer.forward_batch(np.ones((2, 3)), ids)
-
-
 @pytest.mark.xfail(strict=True, reason="forward_batch_multi_rows rounds an adapter's scaling "
                    "to float32 (0 for 1e-300) and multiplies, 0 * NaN = NaN, where the segmented "
                    "path and kernels.forward skip the term (BLAS alpha = 0)")
-def test_multi_rows_path_skips_a_scaling_that_rounds_to_zero():
-    # In a process of its own: the two paths' kernels share argument types, so code from a
-    # shared cache could swap them (see the test above).
+def test_multi_rows_path_skips_a_scaling_that_rounds_to_zero(runs):
+    rc, stdout, stderr = runs["rows_path"].result()
+    assert rc == 0, stderr
+    assert stdout.split() == ["segmented", "1.0", "1.0", "1.0", "rows", "1.0", "1.0", "1.0"]
+
+
+def _rows_path_job():
+    # In a process and cache of its own: the two paths' kernels share argument types, so
+    # code from a shared cache could swap them (test_kernels_cached_by_...).
     code = textwrap.dedent("""
         import numpy as np
         from numba_lora import MultiLoraLinear
@@ -491,19 +538,12 @@ def test_multi_rows_path_skips_a_scaling_that_rounds_to_zero():
     with _private_cache("rows_path") as (cache_dir, finished):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=300, env=dict(os.environ, NUMBA_CACHE_DIR=cache_dir))
-        assert proc.returncode == 0, proc.stderr
-        finished()
-    assert proc.stdout.split() == ["segmented", "1.0", "1.0", "1.0", "rows", "1.0", "1.0", "1.0"]
+        if proc.returncode == 0:
+            finished()
+        return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="LoraConfig.rank_for/alpha_for with a non-str module "
-                   "name: a bare TypeError from re.match when a pattern is set (and the default, "
-                   "silently, when none is)")
-@pytest.mark.parametrize("name", [None, 5, b"q"])
-def test_config_pattern_lookup_refuses_non_strings(name):
-    config = LoraConfig(2, 4.0, rank_pattern={"q": 3})
-    with pytest.raises(LoraError):
-        config.rank_for(name)
+JOBS["rows_path"] = ("test_multi_rows_path_skips_a_scaling_that_rounds_to_zero", _rows_path_job)
 
 
 def _peft_dir(tmp_path):

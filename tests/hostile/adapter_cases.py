@@ -10,12 +10,12 @@ import numba
 import numpy as np
 
 import numba_lora
-from numba_lora import LoraAdapter, LoraConfig, LoraLinear
+from numba_lora import LoraAdapter, LoraConfig
 
 from . import exact
 from .harness import Case, Watch
 from .inputs import PASSTHROUGH, out_input, real_input
-from .layer_cases import kernel_scaling, watch_input, watch_layer, watch_out
+from .layer_cases import FLAGS_BAD, kernel_scaling, watch_input, watch_layer, watch_out
 from .values import F32, F64, array_values, pick
 
 __all__ = ["api_cases", "session_cases"]
@@ -119,8 +119,9 @@ def config_case(rng):
 def pattern_lookup_case(rng):
     config = LoraConfig(2, 4.0, rank_pattern=pick(rng, [{}, {"q": 3}]),
                         alpha_pattern=pick(rng, [{}, {"v": 1.5}]))
-    name = pick(rng, ["q", "layers.0.q", "v", "x.v", "k"])
+    name = pick(rng, ["q", "layers.0.q", "v", "x.v", "k", pick(rng, [None, 5, b"q", ["q"]])])
     how = pick(rng, ["rank_for", "alpha_for"])
+    valid = isinstance(name, str)
 
     def check(result):
         want = {"rank_for": (config.rank_pattern.get("q", 2) if name.endswith("q") else 2),
@@ -130,7 +131,8 @@ def pattern_lookup_case(rng):
             raise AssertionError(f"{how}({name!r}) = {result!r}, expected {want!r}")
 
     return Case(f"LoraConfig.{how}", f"{how}({name!r}) with {config.rank_pattern} "
-                f"{config.alpha_pattern}", lambda: getattr(config, how)(name), "correct", check)
+                f"{config.alpha_pattern}", lambda: getattr(config, how)(name),
+                "correct" if valid else "error", check, ("module_name",))
 
 
 # ------------------------------------------------------------------ adapter
@@ -280,12 +282,13 @@ class AdapterSession:
     def merge_all(self):
         rng = self.rng
         how = pick(rng, ["merge_all", "merge_all", "unmerge_all", "enable_all", "disable_all"])
-        check_finite = pick(rng, [True, False])
+        check_finite = pick(rng, [True, False, True, False, pick(rng, FLAGS_BAD)])
         layers = list(self.adapter.items())
         before = {name: (layer.weight.copy(), layer.lora_a.copy(), layer.lora_b.copy(),
                          layer.is_merged, layer.is_enabled) for name, layer in layers}
         expected = {}
-        refused = False
+        bad_flag = how == "merge_all" and not isinstance(check_finite, (bool, np.bool_))
+        refused = bad_flag
         for name, layer in layers:
             W, A, B, merged, enabled = before[name]
             if how == "merge_all" and not merged:
@@ -313,7 +316,7 @@ class AdapterSession:
         return Case(f"LoraAdapter.{how}", f"{how} check_finite={check_finite} "
                     f"({len(layers)} layers, refused={refused})", call,
                     "error" if refused else "correct", check,
-                    ("merging", "merge") if refused else (),
+                    ("check_finite",) if bad_flag else ("merging", "merge") if refused else (),
                     watch)
 
 

@@ -118,7 +118,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def mentions(message, name):
     """Whether ``message`` names ``name`` (as a whole word when ``name`` is an identifier)."""
     if _IDENT.match(name):
-        return re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message) is not None
+        pattern = rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+        return re.search(pattern, message) is not None
     return name in message
 
 

@@ -492,9 +492,7 @@ def forward_cases(rng, dtype):
     if dtype == F32:
         yield from _typed(FORWARD, rng, F32, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
                           good=[2, np.uint64(7)],
-                          # A strided out is a TypingError, not a LoraError
-                          # (test_hostile.py::test_kernels_refuse_a_strided_out): kept out.
-                          layouts=[("W", "F", "error")])
+                          layouts=[("W", "F", "error"), ("out", "strided", "error")])
         yield from _typed(FORWARD_BATCH, rng, F32, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
                           n_ndim=0, layouts=[("out", "F", "error")],
                           readonly_inputs=("A", "B"))
@@ -503,7 +501,7 @@ def forward_cases(rng, dtype):
                           layouts=[("X", "F", "error")])
     else:
         yield from _typed(FORWARD_BATCH, rng, F64, n_dtype=4, n_nonarray=2, n_bad_scalar=4,
-                          good=[2], layouts=[("X", "F", "error")])
+                          good=[2], layouts=[("X", "F", "error"), ("out", "strided", "error")])
         yield from _typed(FORWARD, rng, F64, n_dtype=2, n_nonarray=1, n_bad_scalar=2,
                           n_ndim=0, good=[np.float32(0.5)],
                           layouts=[("x", "strided", "error")], readonly_inputs=("W", "x"))
@@ -618,6 +616,9 @@ def multi_cases(rng):
     yield from run_attacks(lambda: MULTIS[1], rng, lambda: F32,
                            [(Attack("A_cat F layout", "error", ("A_cat",),
                                     layout={"A_cat": "F"}), 6)])
+    yield from run_attacks(lambda: MULTIS[0], rng, lambda: F64,
+                           [(Attack("out strided", "error", ("out",),
+                                    layout={"out": "strided"}), 6)])
     # group_rows: values, then types.
     for _ in range(160):
         dims, values = _make_group(GROUP_ROWS, rng, None, None)

@@ -72,9 +72,8 @@ _ALPHA_BAD = [0, -1.0, -0.0, math.inf, -math.inf, math.nan, True, "1", None, 1j,
 _SEED_GOOD = [None, 0, 12345, 2 ** 200, np.int64(5), [1, 2], "rng", "seedseq"]
 _SEED_BAD = [-1, "abc", 2.5, object(), [1, -1], 1j, np.float64(1.0)]
 _RSLORA_GOOD = [True, False, np.True_, np.False_]
-#: Values of use_rslora that LoraLinear takes as truthy or falsy instead of
-#: refusing (test_hostile.py::test_lora_linear_use_rslora_is_checked): kept out here.
-RSLORA_BAD = ["no", None, 0, 1, "True", []]
+#: Not bools: refused, never read as truthy or falsy.
+FLAGS_BAD = ["no", None, 0, 1, "True", [], np.float64(1.0)]
 
 
 def _seed_value(seed, rng_source):
@@ -89,8 +88,8 @@ def constructor_case(rng):
     dtype = np.dtype(pick(rng, {np.float32: 4, np.float64: 4, np.float16: 1}))
     o, i = int(rng.integers(1, 7)), int(rng.integers(1, 7))
     weight = real_input(rng, (o, i), dtype, "weight",
-                        kinds={"same": 6, "list": 1, "rows": 1, "strided": 1, "fortran": 1, "readonly": 1,
-                               "matrix": 1, "guarded": 1})
+                        kinds={"same": 6, "list": 1, "rows": 1, "strided": 1, "fortran": 1,
+                               "readonly": 1, "matrix": 1, "guarded": 1})
     rank = int(rng.integers(1, min(o, i) + 1))
     rank_value = pick(rng, [rank, rank, np.int64(rank), np.uint8(rank), np.int8(rank)])
     alpha = pick(rng, _ALPHA_GOOD)
@@ -118,6 +117,9 @@ def constructor_case(rng):
     elif field == "seed":
         seed = pick(rng, _SEED_BAD)
         expect, names, what = "error", ("seed",), f"seed = {seed!r}"
+    elif field == "use_rslora":
+        rslora = pick(rng, FLAGS_BAD)
+        expect, names, what = "error", ("use_rslora",), f"use_rslora = {rslora!r}"
     seed_value = _seed_value(seed, rng)
     # Documented behaviour counts as correct: float16 is widened, float32 and
     # float64 kept; alpha / rank must stay finite in the layer's dtype.
@@ -314,10 +316,12 @@ def _merge_case(rng, layer, op):
     watch = Watch()
     watch_layer(watch, layer)
     if op == "merge":
-        check_finite = pick(rng, [False, True, True, np.True_, np.False_])
+        check_finite = pick(rng, [False, True, True, np.True_, np.False_, pick(rng, FLAGS_BAD)])
         expected = exact.exact_update(W0, A0, B0, s, 1)
         if merged:
             expect, names = "error", ("merge", "merged")
+        elif not isinstance(check_finite, (bool, np.bool_)):
+            expect, names = "error", ("check_finite",)
         elif check_finite and exact.nonfinite(expected):
             expect, names = "error", ("merge",)
         else:

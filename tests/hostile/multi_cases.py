@@ -269,7 +269,12 @@ class Session:
         rng, n, names = self.rng, len(self.model), self.names()
         good = [int(v) for v in (rng.integers(-1, n, size=b) if n else np.full(b, -1))]
         kind = pick(rng, ["range", "huge", "uint64", "float", "bool", "complex", "name",
-                          "unhashable", "length", "2-D", "scalar", "datetime", "bytes name"])
+                          "unhashable", "length", "2-D", "scalar", "datetime", "bytes name",
+                          "unordered"])
+        if kind == "unordered":  # a set or dict: its order is not the rows'
+            entries = [None if v < 0 else names[v] for v in good] or ["x"]
+            value = pick(rng, [set(entries), frozenset(entries), dict.fromkeys(entries)])
+            return value, "error", None, f"ids {type(value).__name__}"
         if kind == "length":
             value = good + [-1] if rng.random() < 0.5 or not good else good[:-1]
             return value, "error", None, f"{len(value)} ids for {b} rows"
@@ -360,10 +365,6 @@ def constructor_case(rng):
     inp = real_input(rng, shape, dtype, "weight", hostile=rng.random() < 0.6,
                      kinds={"same": 5, "list": 1, "rows": 1, "fortran": 1, "strided": 1,
                             "readonly": 1})
-    if isinstance(inp.value, tuple) and len(inp.value) == 2:
-        # A tuple of two arrays is taken for as_weight's internal (array, dtype) pair
-        # (test_hostile.py::test_multi_weight_tuple_of_two_rows): kept out here.
-        inp.value = list(inp.value)
     v = inp.value
     if inp.expect == "error" and isinstance(v, np.ndarray) and v.dtype.kind == "f" \
             and v.dtype.isnative and v.dtype.itemsize <= 8 and v.ndim == 2 and min(v.shape):

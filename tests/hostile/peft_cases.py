@@ -183,6 +183,10 @@ def _tensor_keys(raw):
     return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
 
 
+def _random_bytes(rng, size):
+    return rng.integers(0, 256, size).astype(np.uint8).tobytes()
+
+
 def weights_corruption(rng, raw):
     """(new bytes, expect, description) for adapter_model.safetensors."""
     keys = _tensor_keys(raw)
@@ -193,7 +197,7 @@ def weights_corruption(rng, raw):
                       "extra tensor": 1, "3-D": 1, "header flip": 3, "data flip": 4})
     if kind == "random":
         size = int(rng.integers(0, 400))
-        return rng.integers(0, 256, size).astype(np.uint8).tobytes(), "error", f"{size} random bytes"
+        return _random_bytes(rng, size), "error", f"{size} random bytes"
     if kind == "truncate":
         k = int(rng.integers(0, len(raw)))
         return raw[:k], "error", f"truncated to {k} of {len(raw)} bytes"
@@ -286,7 +290,7 @@ def config_corruption(rng, text):
             "<deleted>" if value is DELETE else repr(cfg[key]))
     if kind == "random":
         size = int(rng.integers(0, 300))
-        return rng.integers(0, 256, size).astype(np.uint8).tobytes(), "error", f"{size} random bytes"
+        return _random_bytes(rng, size), "error", f"{size} random bytes"
     if kind == "truncate":
         k = int(rng.integers(0, len(text.rstrip()) - 1))
         return text.encode()[:k], "error", f"config truncated to {k} bytes"
