@@ -338,10 +338,11 @@ class LoraLinear(FrozenWeight):
         ndarray, shape (out_features,)
             In the layer's dtype.
         """
+        given = x
         x = self._as_input(x, "x")
         check_shape(x, (self.in_features,), "x", ("in_features",))
         with self._lock.read():
-            out = self._output((self.out_features,), out, x)
+            out = self._output((self.out_features,), out, (given, x))
             return kernels.forward_stacked(self._WA, self._B, self._kernel_scaling(), x, out)
 
     def forward_batch(self, X: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
@@ -359,10 +360,11 @@ class LoraLinear(FrozenWeight):
         ndarray, shape (batch, out_features)
             In the layer's dtype.
         """
+        given = X
         X = self._as_input(X, "X")
         check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
         with self._lock.read():
-            out = self._output((X.shape[0], self.out_features), out, X)
+            out = self._output((X.shape[0], self.out_features), out, (given, X))
             if X.shape[0] <= STACKED_MAX_ROWS:
                 return kernels.forward_batch_stacked(self._WA, self._B, self._kernel_scaling(),
                                                      X, out)
@@ -374,25 +376,28 @@ class LoraLinear(FrozenWeight):
 
         Returns shape (..., out_features); see :meth:`forward_batch`.
         """
+        given = x
         x = self._as_input(x, "x")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise LoraShapeError(
                 f"x must have shape (..., in_features={self.in_features}), got {x.shape}"
             )
+        lead = x.shape[:-1]
+        if out is not None:
+            # Against the caller's x too: the converted copy may be new memory.
+            check_out(out, lead + (self.out_features,), self.dtype, (given, x))
         if x.ndim == 1:
             return self.forward(x, out=out)
-        lead = x.shape[:-1]
         flat_out = None
         if out is not None:
-            check_out(out, lead + (self.out_features,), self.dtype, (x,))
             flat_out = out.reshape(-1, self.out_features)
         result = self.forward_batch(x.reshape(-1, self.in_features), out=flat_out)
         return result.reshape(lead + (self.out_features,))
 
-    def _output(self, shape, out, x):
+    def _output(self, shape, out, inputs):
         if out is None:
             return np.empty(shape, dtype=self.dtype)
-        return check_out(out, shape, self.dtype, (x, self._WA, self._B))
+        return check_out(out, shape, self.dtype, (*inputs, self._WA, self._B))
 
     # ------------------------------------------------------------- utilities
     def copy(self) -> LoraLinear:

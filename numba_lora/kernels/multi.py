@@ -188,6 +188,8 @@ def _add_rows(A_cat, BT_cat, offsets, scalings, X, ids, out):
         r0, r1 = offsets[i], offsets[i + 1]
         x = X[b]
         s = out.dtype.type(scalings[i])
+        if s == 0:  # as the segmented path and BLAS (alpha = 0) do: 0 * NaN is not 0
+            continue
         for k in range(r1 - r0):
             a = A_cat[r0 + k]
             acc = zero
