@@ -225,7 +225,8 @@ def test_merge_is_independent_of_thread_count(dtype, rng):
     # count is set too, to show merge does not depend on it either.
     threadpoolctl = pytest.importorskip("threadpoolctl")
     cases = [ref.random_lora(rng, 67, 1030, 8, dtype), ref.random_lora(rng, 131, 200, 130, dtype)]
-    counts = sorted({1, 2, numba.config.NUMBA_NUM_THREADS})
+    most = numba.config.NUMBA_NUM_THREADS  # 1 in CI's one-thread pass
+    counts = sorted({1, min(2, most), most})
     results = {}
     unmerged = {}
     previous = numba.get_num_threads()
