@@ -343,7 +343,10 @@ class LoraLinear(FrozenWeight):
         check_shape(x, (self.in_features,), "x", ("in_features",))
         with self._lock.read():
             out = self._output((self.out_features,), out, (given, x))
-            return kernels.forward_stacked(self._WA, self._B, self._kernel_scaling(), x, out)
+            # One row: kernels.forward measured faster than forward_stacked
+            # (1.05x against 1.12x the dense gemv, 4096 x 4096 float32): the
+            # gemv over 4112 rows plus the copy-out cost more than A's pass.
+            return kernels.forward(self._W, self._A, self._B, self._kernel_scaling(), x, out)
 
     def forward_batch(self, X: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """Apply the layer to each row of a batch.
