@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LoraFormatError
-from ..io.safetensors import SafetensorsFile, as_path
+from ..io.safetensors import SafetensorsFile, as_path, read_index
 
 __all__ = ["Checkpoint", "Shard", "TensorInfo", "read_checkpoint", "FLOAT_DTYPES"]
 
@@ -68,35 +68,6 @@ class Checkpoint:
     def total_bytes(self):
         """Bytes of all shards."""
         return sum(shard.size for shard in self.shards)
-
-
-def _plain_name(name, index_path):
-    """Refuse an index entry that is not a plain file name in the checkpoint's directory."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-            or "\\" in name or "\x00" in name or os.path.isabs(name) or ":" in name):
-        raise LoraFormatError(
-            f"{index_path}: shard name {name!r} is not a plain file name in the checkpoint's "
-            "directory")
-    return name
-
-
-def _read_index(path):
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise LoraFormatError(f"{path} is not UTF-8 text: {exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise LoraFormatError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
-        raise LoraFormatError(f"{path} must hold a JSON object with a 'weight_map' object")
-    weight_map = raw["weight_map"]
-    if not weight_map:
-        raise LoraFormatError(f"{path}: 'weight_map' is empty")
-    for key, shard in weight_map.items():
-        if not isinstance(shard, str):
-            raise LoraFormatError(f"{path}: tensor {key!r} maps to {shard!r}, not a file name")
-        _plain_name(shard, path)
-    return weight_map
 
 
 def _find_files(directory):
@@ -170,7 +141,7 @@ def read_checkpoint(base):
     index, singles = _find_files(directory)
     if index is not None:
         index_path = directory / index
-        weight_map = _read_index(index_path)
+        weight_map = read_index(index_path)
         order = list(dict.fromkeys(weight_map.values()))
     else:
         weight_map = None
