@@ -6,7 +6,7 @@ walks every dispatcher in the package and checks it):
 ``JIT_OPTIONS``, for arithmetic whose rounding numba_lora does not promise
 (forward products, gathers, sorts): ``fastmath`` with ``reassoc`` (LLVM may
 vectorise reductions) and ``contract`` (it may fuse multiply-adds), but with
-``nnan`` and ``ninf`` off: the full set (Numba's ``fastmath=True``) lets LLVM
+``nnan`` and ``ninf`` off: the full set (Numba's fastmath switched on as a whole) lets LLVM
 assume no NaN or infinity ever occurs (numba issues #2919 and #9383).
 
 ``EXACT_OPTIONS``, no fastmath at all, for code whose every rounding is part
