@@ -29,6 +29,7 @@ import numpy as np
 from .. import kernels
 from ..errors import LoraConfigError, LoraFormatError
 from ..io.safetensors import SafetensorsFile, as_path
+from ..io._fs import quietly as _quietly
 
 __all__ = ["write_shard", "run_shards", "Output"]
 
@@ -425,11 +426,3 @@ def _fsync_directory(path):
     finally:
         os.close(fd)
 
-
-def _quietly(action, *args, **kwargs):
-    """Run a clean-up step; True if it worked.  A failure must not hide the error being raised."""
-    try:
-        action(*args, **kwargs)
-    except OSError:
-        return False
-    return True

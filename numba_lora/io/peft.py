@@ -27,6 +27,7 @@ from ..errors import (
     LoraUnsupportedError,
 )
 from .safetensors import SafetensorsFile, as_path, open_weights
+from ._fs import quietly as _quietly
 
 __all__ = ["load_peft", "save_peft", "check_module_name", "module_aliases",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -473,11 +474,3 @@ def save_peft(adapter, path):
     for backup, _ in aside:
         _quietly(backup.unlink, missing_ok=True)
 
-
-def _quietly(action, *args, **kwargs):
-    """Run a clean-up step; True if it worked.  A failure must not hide the error being raised."""
-    try:
-        action(*args, **kwargs)
-    except OSError:
-        return False
-    return True
