@@ -44,6 +44,12 @@ KINDS = {
     "f32_1": ("array", 1, types.float32, False),
     "f32_1w": ("array", 1, types.float32, True),
     "f32_2": ("array", 2, types.float32, False),
+    "f32_2w": ("array", 2, types.float32, True),
+    # NF4 storage: packed 4-bit codes and 8-bit (double-quant) absmax codes.
+    "u8_1": ("array", 1, types.uint8, False),
+    "u8_1w": ("array", 1, types.uint8, True),
+    # Training: dropout masks (True keeps the element).
+    "b2": ("array", 2, types.boolean, False),
 }
 
 _FLOATS = (types.float32, types.float64)
