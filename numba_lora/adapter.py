@@ -134,6 +134,22 @@ class LoraAdapter:
         """(name, layer) pairs in insertion order."""
         return self._layers.items()
 
+    def layers(self) -> list[LoraLinear]:
+        """list of LoraLinear: The layers in insertion order."""
+        return list(self._layers.values())
+
+    # ------------------------------------------------------------- training
+    def zero_grad(self) -> None:
+        """:meth:`LoraLinear.zero_grad` on every layer.
+
+        Training runs layer by layer (``adapter[name].forward_train(...)``,
+        ``adapter[name].backward(...)``); an optimizer of
+        :mod:`numba_lora.optim` takes the adapter itself and updates every
+        layer's factors.
+        """
+        for layer in self._layers.values():
+            layer.zero_grad()
+
     # -------------------------------------------------------------- compute
     def forward_layer(self, name: str, x: ArrayLike,
                       out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:

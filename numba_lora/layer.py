@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from . import kernels
 from ._base import FrozenWeight, readonly
+from .kernels import train as train_kernels
 from ._lock import RWLock
 from ._validate import (
     as_factor,
@@ -29,7 +30,14 @@ from ._validate import (
     check_shape,
     stacked_copy,
 )
-from .errors import LoraConfigError, LoraNonFiniteError, LoraShapeError, LoraStateError
+from .errors import (
+    LoraConfigError,
+    LoraNonFiniteError,
+    LoraShapeError,
+    LoraStateError,
+    LoraTypeError,
+)
+from .training import TrainContext, check_dropout, dropout_mask, keep_scale
 
 __all__ = ["LoraLinear"]
 
@@ -37,6 +45,9 @@ __all__ = ["LoraLinear"]
 #: (one pass over [W; A]); larger ones through kernels.forward_batch, where
 #: the product is bound by arithmetic, not by reading W.
 STACKED_MAX_ROWS = 8
+
+#: Initialisations of the factors (``init=`` of :class:`LoraLinear`).
+INITS = ("peft", "gaussian", "pissa")
 
 
 class LoraLinear(FrozenWeight):
@@ -57,6 +68,22 @@ class LoraLinear(FrozenWeight):
         :func:`numpy.random.default_rng`.
     use_rslora : bool, optional
         Rank-stabilised scaling, ``alpha / sqrt(rank)``.
+    init : {"peft", "gaussian", "pissa"}, optional
+        How the factors start, as PEFT's ``init_lora_weights``:
+
+        - ``"peft"`` (default, PEFT's ``True``): A Kaiming-uniform (below), B zero;
+        - ``"gaussian"``: A normal with standard deviation ``1 / rank``, B zero;
+        - ``"pissa"``: from the SVD ``W = U S Vh`` (computed in float64):
+          ``A = sqrt(S_r / scaling) Vh_r``, ``B = U_r sqrt(S_r / scaling)``
+          (top ``rank`` triplets), and the layer's base weight becomes the
+          residual ``W - scaling * B @ A`` (rounded once to the dtype), so
+          the layer starts computing ``W x`` up to rounding.  A PiSSA layer's
+          base is no longer the original W: to use the trained adapter with
+          the original base in PEFT, convert it as PEFT's
+          ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+          does (rank ``2 r``: ``A' = [A; A0]``, ``B' = [B, -B0]``, alpha
+          doubled, or times ``sqrt(2)`` with rsLoRA).
+        ``seed`` drives the random ones.
 
     Attributes
     ----------
@@ -94,8 +121,11 @@ class LoraLinear(FrozenWeight):
     """
 
     def __init__(self, weight: ArrayLike, rank: int, alpha: float, *,
-                 seed: int | np.random.Generator | None = None, use_rslora: bool = False) -> None:
+                 seed: int | np.random.Generator | None = None, use_rslora: bool = False,
+                 init: str = "peft") -> None:
         rank = check_rank(rank)
+        if not (isinstance(init, str) and init in INITS):
+            raise LoraConfigError(f"init must be one of {INITS}, got {init!r}")
         alpha = check_alpha(alpha)
         checked = checked_weight(weight)
         out_features, in_features = checked[0].shape
@@ -111,19 +141,48 @@ class LoraLinear(FrozenWeight):
         # (kernels.forward_stacked); self._W and self._A are views of it.
         WA = stacked_copy(*checked, extra_rows=rank)
         bound = 1.0 / math.sqrt(in_features)
+        use_rslora = check_flag(use_rslora, "use_rslora")
+        scaling = check_scaling(alpha / (math.sqrt(rank) if use_rslora else rank), WA.dtype)
         # Drawn in float64 and rounded once, so float32 and float64 layers
         # with the same seed start from the same numbers.
-        WA[out_features:] = rng.uniform(-bound, bound, size=(rank, in_features))
+        if init == "gaussian":
+            WA[out_features:] = rng.normal(0.0, 1.0 / rank, size=(rank, in_features))
+        elif init == "peft":
+            WA[out_features:] = rng.uniform(-bound, bound, size=(rank, in_features))
         self._set_buffer(WA, out_features)
         self._B = np.zeros((out_features, rank), dtype=WA.dtype)
+        if init == "pissa":
+            self._pissa_init(rank, scaling)
         self._rank = rank
         self._alpha = alpha
-        self._use_rslora = check_flag(use_rslora, "use_rslora")
-        self._scaling = check_scaling(
-            alpha / (math.sqrt(rank) if self._use_rslora else rank), WA.dtype)
+        self._use_rslora = use_rslora
+        self._scaling = scaling
         self._merged = False
         self._enabled = True
         self._lock = RWLock()
+        self._reset_training_state()
+
+    def _pissa_init(self, rank, scaling):
+        W = self._W.astype(np.float64)
+        U, S, Vh = np.linalg.svd(W, full_matrices=False)
+        root = np.sqrt(S[:rank] / scaling)
+        self._A[...] = root[:, None] * Vh[:rank]
+        self._B[...] = U[:, :rank] * root[None, :]
+        # The residual from the rounded factors, so that W_res + s B A is W
+        # up to the one rounding of the residual.
+        residual = W - scaling * (self._B.astype(np.float64) @ self._A.astype(np.float64))
+        self._W[...] = residual
+
+    def _reset_training_state(self):
+        # Factor gradients: allocated by the first backward, reused after;
+        # zero_grad only marks them stale, so the next backward overwrites
+        # them (BLAS beta = 0) instead of a zeroing pass.
+        self._grad_A = None
+        self._grad_B = None
+        self._grads_valid = False
+        # Counts changes of A and B, so a backward can refuse a context made
+        # before an optimizer step or a setter.
+        self._version = 0
 
     def _set_buffer(self, WA, out_features):
         self._WA = WA
@@ -216,6 +275,7 @@ class LoraLinear(FrozenWeight):
             if A is not self._A:
                 self._A[...] = A  # in place: A stays stacked under W
             self._B = B
+            self._version += 1
 
     @property
     def trainable_params(self) -> int:
@@ -402,6 +462,184 @@ class LoraLinear(FrozenWeight):
             return np.empty(shape, dtype=self.dtype)
         return check_out(out, shape, self.dtype, (*inputs, self._WA, self._B))
 
+    # --------------------------------------------------------------- training
+    def forward_train(self, X: ArrayLike, *, dropout: float = 0.0,
+                      rng: int | np.random.Generator | None = None
+                      ) -> tuple[NDArray[np.floating], TrainContext]:
+        """Training forward of a batch: the output and what :meth:`backward` needs.
+
+        ``Y = X @ W.T + scaling * (Xl @ A.T) @ B.T`` with ``Xl = X``, or with
+        LoRA dropout (PEFT's ``lora_dropout``, on the low-rank branch only)
+        ``Xl = X * mask / (1 - p)``, the mask drawn from ``rng``.  The same
+        arithmetic as :meth:`forward_batch` plus the (batch, rank) product
+        ``H = Xl @ A.T`` kept for the backward
+        (:func:`numba_lora.kernels.train.forward_train`).
+
+        Parameters
+        ----------
+        X : array_like, shape (batch, in_features)
+            Input rows (``batch`` may be 0); real input of another dtype is
+            converted to the layer's.  Not copied when it already has the
+            layer's dtype and is C-contiguous: do not write into it before
+            the backward.
+        dropout : float, optional
+            Dropout probability ``p`` in ``[0, 1)`` of the LoRA branch's
+            input.  ``0`` (the default, and PEFT's eval mode) draws nothing
+            and costs nothing.
+        rng : int, numpy.random.Generator or None, optional
+            Where the dropout mask comes from (:func:`numpy.random.default_rng`
+            of it; pass one Generator across steps for a reproducible run).
+
+        Returns
+        -------
+        Y : ndarray, shape (batch, out_features)
+        ctx : TrainContext
+            For :meth:`backward` of this layer.
+
+        Raises
+        ------
+        LoraStateError
+            If the layer is merged (training updates A and B, which a merged
+            W would no longer match: unmerge first).
+        LoraConfigError
+            If ``dropout`` is not in ``[0, 1)``.
+
+        Notes
+        -----
+        A disabled layer computes ``Y = X @ W.T``; its backward gives
+        ``dX = dY @ W`` and leaves the factor gradients as they are.
+        """
+        p = check_dropout(dropout)
+        X = self._as_input(X, "X")
+        check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        batch = X.shape[0]
+        mask = None
+        keep = 1.0
+        XL = X
+        if p > 0 and batch > 0 and self._enabled:
+            mask = dropout_mask(as_rng(rng), X.shape, p)
+            keep = keep_scale(p, self.dtype)
+            XL = np.empty_like(X)
+            train_kernels.apply_dropout(X, mask, keep, XL)
+        with self._lock.read():
+            if self._merged:
+                raise LoraStateError(
+                    "cannot train a merged layer: its W holds the update that training would "
+                    "change; call unmerge() first")
+            Y = np.empty((batch, self.out_features), dtype=self.dtype)
+            H = np.empty((batch, self._rank), dtype=self.dtype)
+            lora = self._enabled
+            train_kernels.forward_train(self._W, self._A, self._B,
+                                        self._scaling if lora else 0.0, X, XL, Y, H)
+            version = self._version
+        return Y, TrainContext(self, version, X, XL, H, mask, p, keep, lora)
+
+    def backward(self, dY: ArrayLike, ctx: TrainContext, *,
+                 input_grad: bool = True) -> NDArray[np.floating] | None:
+        """Backward of :meth:`forward_train`: accumulate the factor gradients, return dX.
+
+        Adds ``scaling * (dY @ B).T @ Xl`` to :attr:`grad_a` and
+        ``scaling * dY.T @ H`` to :attr:`grad_b` (after :meth:`zero_grad`, or
+        before the first backward, they are overwritten instead: no zeroing
+        pass), and returns
+        ``dX = dY @ W + scaling * ((dY @ B) @ A) * mask / (1 - p)``
+        (the mask only with dropout).
+
+        Parameters
+        ----------
+        dY : array_like, shape (batch, out_features)
+            Gradient of the loss with respect to the forward's output.
+        ctx : TrainContext
+            What this layer's :meth:`forward_train` returned.
+        input_grad : bool, optional
+            Compute dX.  ``False`` (the first adapted layer of a network,
+            whose input needs no gradient) skips the dense product
+            ``dY @ W``, about half the backward's cost, and returns None.
+
+        Returns
+        -------
+        ndarray, shape (batch, in_features), or None
+
+        Raises
+        ------
+        LoraStateError
+            If the layer is merged, or its factors changed since the forward
+            (an optimizer step, a setter): ``ctx`` is stale.
+        LoraTypeError
+            If ``ctx`` is not a TrainContext of this layer.
+        LoraShapeError
+            If ``dY`` is not (batch, out_features) with the forward's batch.
+
+        Notes
+        -----
+        The gradients of one layer are written by one backward at a time:
+        do not run backwards of the same layer from two threads at once.
+        """
+        input_grad = check_flag(input_grad, "input_grad")
+        if not isinstance(ctx, TrainContext) or ctx.layer is not self:
+            raise LoraTypeError(
+                "ctx must be the TrainContext this layer's forward_train returned, got "
+                f"{type(ctx).__name__}" + (" of another layer" if isinstance(ctx, TrainContext)
+                                            else ""))
+        dY = self._as_input(dY, "dY")
+        check_shape(dY, (ctx.batch, self.out_features), "dY", ("batch", "out_features"))
+        with self._lock.read():
+            if self._merged:
+                raise LoraStateError("cannot run backward on a merged layer; unmerge() first")
+            if ctx.version != self._version:
+                raise LoraStateError(
+                    "lora_a or lora_b changed since this forward_train (an optimizer step or "
+                    "a setter): run forward_train again")
+            dX = np.empty((ctx.batch, self.in_features), dtype=self.dtype) if input_grad else None
+            if not ctx.lora:
+                if input_grad:
+                    np.matmul(dY, self._W, out=dX)
+                return dX
+            if self._grad_A is None:
+                self._grad_A = np.empty_like(self._A)
+                self._grad_B = np.empty_like(self._B)
+            beta = 1.0 if self._grads_valid else 0.0
+            args = (self._scaling, ctx._XL, ctx._H, dY)
+            if not input_grad:
+                train_kernels.backward_factors(self._B, *args, self._grad_A, self._grad_B, beta)
+            elif ctx._mask is None:
+                train_kernels.backward(self._W, self._A, self._B, *args, dX, self._grad_A,
+                                       self._grad_B, beta)
+            else:
+                train_kernels.backward_dropout(self._W, self._A, self._B, *args, ctx._mask,
+                                               ctx.keep_scale, dX, self._grad_A, self._grad_B,
+                                               beta)
+            self._grads_valid = True
+        return dX
+
+    @property
+    def grad_a(self) -> NDArray[np.floating] | None:
+        """ndarray or None: Read-only view of the gradient of A, shape (rank, in_features).
+
+        The sum over the backwards since the last :meth:`zero_grad`; None
+        before the first backward and after :meth:`zero_grad`.
+        """
+        return readonly(self._grad_A) if self._grads_valid else None
+
+    @property
+    def grad_b(self) -> NDArray[np.floating] | None:
+        """ndarray or None: Read-only view of the gradient of B, shape (out_features, rank)."""
+        return readonly(self._grad_B) if self._grads_valid else None
+
+    def zero_grad(self) -> None:
+        """Forget the accumulated gradients (:attr:`grad_a`, :attr:`grad_b` become None).
+
+        Nothing is written: the next :meth:`backward` overwrites the
+        gradient buffers instead of adding to them.
+        """
+        self._grads_valid = False
+
+    def _factors_for_update(self):
+        """[(param, grad or None)] for A and B: the optimizer's view (call under the write lock)."""
+        valid = self._grads_valid
+        return [(self._A, self._grad_A if valid else None),
+                (self._B, self._grad_B if valid else None)]
+
     # ------------------------------------------------------------- utilities
     def copy(self) -> LoraLinear:
         """An independent copy: its own arrays and lock, the same merge and enabled state."""
@@ -410,6 +648,9 @@ class LoraLinear(FrozenWeight):
             new.__dict__.update(self.__dict__)
             new._set_buffer(self._WA.copy(), self.out_features)
             new._B = self._B.copy()
+            for name in ("_grad_A", "_grad_B"):
+                if getattr(self, name) is not None:
+                    setattr(new, name, getattr(self, name).copy())
         new._lock = RWLock()
         return new
 
@@ -431,6 +672,7 @@ class LoraLinear(FrozenWeight):
         if "_WA" not in state:  # pickled by numba_lora 0.1: W and A apart
             state["_WA"] = np.vstack([state.pop("_W"), state.pop("_A")])
         WA = state.pop("_WA")
+        self._reset_training_state()  # layers pickled before training existed
         self.__dict__.update(state)
         self._set_buffer(WA, WA.shape[0] - self._rank)
         self._lock = RWLock()

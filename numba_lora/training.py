@@ -1,0 +1,139 @@
+"""What a training step of a layer keeps between its forward and its backward, and dropout masks.
+
+:meth:`LoraLinear.forward_train <numba_lora.LoraLinear.forward_train>`
+returns ``(Y, ctx)``; ``ctx`` (a :class:`TrainContext`) holds the arrays
+:meth:`LoraLinear.backward <numba_lora.LoraLinear.backward>` needs, the way
+torch's autograd keeps saved tensors.  Masks for LoRA dropout are drawn here,
+in Python, from a seedable :class:`numpy.random.Generator`; the kernels only
+apply them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._base import readonly
+from .errors import LoraConfigError
+
+__all__ = ["TrainContext", "dropout_mask", "keep_scale", "check_dropout"]
+
+
+def check_dropout(p):
+    """Return ``p`` as a float in ``[0, 1)``, else raise :class:`~numba_lora.LoraConfigError`."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+        raise LoraConfigError(
+            f"dropout must be a real number in [0, 1), got {type(p).__name__} {p!r}")
+    value = float(p)
+    if not (0.0 <= value < 1.0):  # NaN fails too
+        raise LoraConfigError(f"dropout must be in [0, 1), got {value!r}")
+    return value
+
+
+def keep_scale(p, dtype):
+    """``1 / (1 - p)`` as torch's ``nn.Dropout`` scales kept elements, as a float.
+
+    torch divides its 0/1 noise by ``1 - p`` in the tensor's dtype, so a kept
+    element is multiplied by ``dtype(1) / dtype(1 - p)`` rounded once.
+    """
+    t = np.dtype(dtype).type
+    return float(t(1) / t(1.0 - p))
+
+
+def dropout_mask(rng, shape, p):
+    """A bool mask of ``shape`` that keeps each element with probability ``1 - p``.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    shape : tuple of int
+    p : float
+        Dropout probability in ``[0, 1)``.
+
+    Returns
+    -------
+    ndarray of bool
+        C-contiguous; True keeps the element.
+    """
+    return rng.random(shape) >= p
+
+
+class TrainContext:
+    """What :meth:`~numba_lora.LoraLinear.backward` needs from one training forward.
+
+    Made by :meth:`~numba_lora.LoraLinear.forward_train`; pass it, unchanged,
+    to the same layer's ``backward``.  It is valid for one backward per
+    forward or more (gradient checks), as long as the layer's factors did
+    not change in between (an optimizer step or a setter makes it stale:
+    ``backward`` then raises :class:`~numba_lora.LoraStateError`, as torch's
+    autograd refuses a tensor modified in place).
+
+    Attributes
+    ----------
+    X : ndarray, shape (batch, in_features)
+        The input, in the layer's dtype (a read-only view).  When the
+        caller's array already had the layer's dtype and was C-contiguous it
+        is that very array, not a copy: do not write into it between the
+        forward and the backward (its gradients would be wrong).
+    XL : ndarray, shape (batch, in_features)
+        The LoRA branch's input: ``X`` itself without dropout, else
+        ``X * mask * keep_scale`` (read-only).
+    H : ndarray, shape (batch, rank)
+        ``XL @ A.T`` (read-only).
+    mask : ndarray of bool or None
+        The dropout mask (True keeps), or None without dropout.
+    dropout : float
+        The dropout probability used.
+    lora : bool
+        Whether the low-rank branch took part (False while disabled: the
+        backward then gives ``dX = dY @ W`` and no factor gradients).
+    """
+
+    __slots__ = ("layer", "version", "_X", "_XL", "_H", "_mask", "dropout", "keep_scale", "lora")
+
+    def __init__(self, layer, version, X, XL, H, mask, dropout, keep, lora):
+        self.layer = layer
+        self.version = version
+        self._X = X
+        self._XL = XL
+        self._H = H
+        self._mask = mask
+        self.dropout = dropout
+        self.keep_scale = keep
+        self.lora = lora
+
+    @property
+    def X(self):
+        return readonly(self._X)
+
+    @property
+    def XL(self):
+        return readonly(self._XL)
+
+    @property
+    def H(self):
+        return readonly(self._H)
+
+    @property
+    def mask(self):
+        return None if self._mask is None else readonly(self._mask)
+
+    @property
+    def batch(self) -> int:
+        """int: Rows of the forward's input."""
+        return self._X.shape[0]
+
+    def __repr__(self):
+        return (f"TrainContext(batch={self.batch}, dropout={self.dropout:g}, lora={self.lora})")
+
+
+def finite_or_raise(value, what):
+    """Return ``value`` as a float if finite, else raise LoraConfigError naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise LoraConfigError(f"{what} must be a real number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise LoraConfigError(f"{what} must be finite, got {out!r}")
+    return out
