@@ -126,11 +126,23 @@ def clear_cache() -> int:
     ``__pycache__`` beside each source file, or the user-wide cache directory
     for a read-only install.  The next call of each kernel compiles it again
     (a few seconds).  Do this in a process that has not yet called a kernel.
+    Rarely needed: entries are stamped with a hash of the kernel sources and
+    Numba's version, so stale code is never loaded.
 
     Returns
     -------
     int
         The number of files removed.
+
+    See Also
+    --------
+    cache_dirs : Where it looks.
+
+    Examples
+    --------
+    >>> import numba_lora
+    >>> numba_lora.clear_cache()          # doctest: +SKIP
+    42
     """
     stems = {path.stem for path in _KERNELS.rglob("*.py")}
     removed = 0

@@ -23,11 +23,44 @@ def _pattern_regex(key):
 
 
 def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
-    """The first key of ``patterns`` that matches the end of ``module_name``, or None.
+    r"""The first key of ``patterns`` that matches the end of ``module_name``, or None.
 
     PEFT's rule for ``rank_pattern`` and ``alpha_pattern``: a key is a regular
     expression that must match a whole trailing run of dotted components,
-    ``re.match(rf"(.*\\.)?({key})$", module_name)``; keys are tried in order.
+    ``re.match(rf"(.*\.)?({key})$", module_name)``; keys are tried in order.
+
+    Parameters
+    ----------
+    patterns : mapping of str
+        ``rank_pattern`` or ``alpha_pattern``: regular expressions as keys.
+    module_name : str
+        A module's dotted name, such as ``"model.layers.0.self_attn.q_proj"``.
+
+    Returns
+    -------
+    str or None
+        The matching key, or None when no key matches.
+
+    Raises
+    ------
+    LoraTypeError
+        If ``module_name`` is not a str.
+
+    See Also
+    --------
+    LoraConfig.rank_for : The rank this rule gives a module.
+    LoraConfig.alpha_for : The alpha this rule gives a module.
+
+    Examples
+    --------
+    >>> from numba_lora.config import pattern_key
+    >>> patterns = {"q_proj": 16, r"layers\.1\..*": 4}
+    >>> pattern_key(patterns, "model.layers.0.self_attn.q_proj")
+    'q_proj'
+    >>> pattern_key(patterns, "model.layers.1.mlp.up_proj")
+    'layers\\.1\\..*'
+    >>> pattern_key(patterns, "model.layers.0.self_attn.xq_proj") is None
+    True
     """
     if not isinstance(module_name, str):
         raise LoraTypeError(
@@ -181,13 +214,39 @@ ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 def check_field(name: str, value: Any) -> Any:
     """``value`` checked and converted for :class:`LoraConfig` field ``name``.
 
-    ``name`` is a field (PEFT's name) or one of its aliases (``rank``,
-    ``alpha``, ``dropout``).
+    One checker per field, shared by :class:`LoraConfig` and the PEFT
+    reader, which uses it to name the JSON key at fault.
+
+    Parameters
+    ----------
+    name : str
+        A field (PEFT's name) or one of its aliases (``rank``, ``alpha``,
+        ``dropout``).
+    value : object
+        The value to check.
+
+    Returns
+    -------
+    object
+        The value converted (a list of target modules becomes a tuple,
+        NumPy scalars Python numbers, ...).
 
     Raises
     ------
     LoraConfigError
         If ``value`` does not fit the field; the message names the field.
+
+    See Also
+    --------
+    LoraConfig.validate : Checks every field of a config.
+
+    Examples
+    --------
+    >>> from numba_lora.config import check_field
+    >>> check_field("target_modules", ["q_proj", "v_proj"])
+    ('q_proj', 'v_proj')
+    >>> check_field("alpha", 16)
+    16.0
     """
     return _FIELD_CHECKS[ALIASES.get(name, name)](value)
 
@@ -209,6 +268,10 @@ _R, _ALPHA, _DROPOUT, _UNSET = _Default(8), _Default(8.0), _Default(0.0), _Defau
 @dataclass(init=False)
 class LoraConfig:
     """Shared settings of an adapter's layers, with PEFT's ``LoraConfig`` names and defaults.
+
+    What ``adapter_config.json`` holds: the default rank and alpha, their
+    per-module overrides, and the entries PEFT needs to find the base model.
+    Every field is checked on construction (:meth:`validate`).
 
     Parameters
     ----------
@@ -244,17 +307,28 @@ class LoraConfig:
         from (``peft_version``, ``layers_to_transform``, ...), which
         :meth:`LoraAdapter.save_peft` writes back unchanged.  Not compared by
         ``==`` and not shown by ``repr``.
-    rank, alpha, dropout
-        numba_lora's earlier names for ``r``, ``lora_alpha`` and
-        ``lora_dropout`` (keyword only).  Giving both names of one setting
-        with different values raises :class:`~numba_lora.LoraConfigError`.
-        They are also properties: ``config.rank is config.r``.
+    rank : int, optional
+        numba_lora's earlier name for ``r`` (keyword only).  Giving both
+        names of one setting with different values raises
+        :class:`~numba_lora.LoraConfigError`.  The alias is also a property:
+        ``config.rank is config.r``.
+    alpha : float, optional
+        numba_lora's earlier name for ``lora_alpha`` (keyword only), as
+        ``rank``.
+    dropout : float, optional
+        numba_lora's earlier name for ``lora_dropout`` (keyword only), as
+        ``rank``.
 
     Raises
     ------
     LoraConfigError
         If a value does not fit its field (the message names the field), or
         a setting is given twice with different values.
+
+    See Also
+    --------
+    LoraAdapter.from_peft : Reads a config and its tensors from PEFT's files.
+    LoraAdapter.save_peft : Writes them back.
 
     Examples
     --------
@@ -372,8 +446,31 @@ class LoraConfig:
     def validate(self) -> LoraConfig:
         """Check every field; raise :class:`~numba_lora.LoraConfigError` naming the bad one.
 
-        Returns the config itself, its fields converted (a list of target
-        modules becomes a tuple, NumPy scalars Python numbers, ...).
+        Every field is checked before any is written back, so a refusal
+        changes nothing.  Call it after changing a field by assignment.
+
+        Returns
+        -------
+        LoraConfig
+            The config itself, its fields converted (a list of target modules
+            becomes a tuple, NumPy scalars Python numbers, ...).
+
+        Raises
+        ------
+        LoraConfigError
+            If a field does not fit; the message names it.
+
+        See Also
+        --------
+        check_field : The check of one field.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> config = LoraConfig(r=8)
+        >>> config.target_modules = ["q_proj"]
+        >>> config.validate().target_modules
+        ('q_proj',)
         """
         # All checked before any is written back: a refusal changes nothing.
         checked = {f.name: check_field(f.name, getattr(self, f.name)) for f in fields(self)}
@@ -382,11 +479,71 @@ class LoraConfig:
         return self
 
     def rank_for(self, module_name: str) -> int:
-        """The rank of ``module_name``: its ``rank_pattern`` entry, else ``r``."""
+        """The rank of ``module_name``: its ``rank_pattern`` entry, else ``r``.
+
+        The first key of ``rank_pattern`` that matches the end of the name wins
+        (see :func:`pattern_key`), as in PEFT.
+
+        Parameters
+        ----------
+        module_name : str
+            A module's dotted name.
+
+        Returns
+        -------
+        int
+            The rank of that module's adapter.
+
+        Raises
+        ------
+        LoraTypeError
+            If ``module_name`` is not a str.
+
+        See Also
+        --------
+        alpha_for : The same for alpha.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> config = LoraConfig(r=8, rank_pattern={"v_proj": 16})
+        >>> config.rank_for("model.layers.0.self_attn.v_proj"), config.rank_for("model.lm_head")
+        (16, 8)
+        """
         key = pattern_key(self.rank_pattern, module_name)
         return self.r if key is None else self.rank_pattern[key]
 
     def alpha_for(self, module_name: str) -> float:
-        """The alpha of ``module_name``: its ``alpha_pattern`` entry, else ``lora_alpha``."""
+        """The alpha of ``module_name``: its ``alpha_pattern`` entry, else ``lora_alpha``.
+
+        The first key of ``alpha_pattern`` that matches the end of the name
+        wins (see :func:`pattern_key`), as in PEFT.
+
+        Parameters
+        ----------
+        module_name : str
+            A module's dotted name.
+
+        Returns
+        -------
+        float
+            The alpha of that module's adapter.
+
+        Raises
+        ------
+        LoraTypeError
+            If ``module_name`` is not a str.
+
+        See Also
+        --------
+        rank_for : The same for the rank.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> config = LoraConfig(lora_alpha=16, alpha_pattern={"q_proj": 32})
+        >>> config.alpha_for("model.layers.0.self_attn.q_proj")
+        32.0
+        """
         key = pattern_key(self.alpha_pattern, module_name)
         return self.lora_alpha if key is None else self.alpha_pattern[key]

@@ -65,6 +65,29 @@ def thread_counts(client):
     Parameters
     ----------
     client : distributed.Client
+        A client of the cluster the tasks will run on.
+
+    Returns
+    -------
+    dict of str to int
+        Each worker's address and the thread count its tasks set.
+
+    See Also
+    --------
+    numba_lora.set_num_threads : What each task calls with its count.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from distributed import Client
+    >>> from numba_lora import LoraLinear, distributed
+    >>> client = Client(processes=False, n_workers=1, threads_per_worker=1,
+    ...                 dashboard_address=None)
+    >>> counts = distributed.thread_counts(client)
+    >>> all(n >= 1 for n in counts.values())
+    True
+    >>> client.close()
     """
     workers = client.scheduler_info(n_workers=-1)["workers"] if _takes_n_workers(client) \
         else client.scheduler_info()["workers"]
@@ -127,16 +150,48 @@ def merge(client, base, adapter, out, *, dtype="keep", threads=None):
     Parameters
     ----------
     client : distributed.Client
-    base, adapter, out, dtype
-        As for :func:`numba_lora.checkpoint.merge`.  The workers must reach
-        the same paths (a shared file system); relative paths are made
+        A client of the cluster; its workers must reach the same paths (a
+        shared file system).
+    base : str or os.PathLike
+        A Hugging Face checkpoint directory, as for
+        :func:`numba_lora.checkpoint.merge`.  Relative paths are made
         absolute on the client.
+    adapter : str or os.PathLike
+        A PEFT LoRA adapter directory.
+    out : str or os.PathLike
+        A new or empty directory, not the base's or the adapter's.
+    dtype : {"keep"}
+        Every tensor keeps its stored dtype, as for
+        :func:`numba_lora.checkpoint.merge`.
     threads : int or None
         Numba and BLAS threads per task; None: :func:`thread_counts`.
 
     Returns
     -------
     numba_lora.checkpoint.MergeResult
+        What was written, as the single-process merge reports it.
+
+    Raises
+    ------
+    LoraEnvironmentError
+        If dask or distributed is not installed.
+    LoraTypeError
+        If ``threads`` is not None or an int >= 1.
+    LoraError
+        Whatever :func:`numba_lora.checkpoint.merge` raises for these
+        files, before any task starts.
+
+    See Also
+    --------
+    numba_lora.checkpoint.merge : The same in one process.
+
+    Examples
+    --------
+    >>> from distributed import Client                              # doctest: +SKIP
+    >>> from numba_lora import distributed
+    >>> with Client("tcp://scheduler:8786") as client:               # doctest: +SKIP
+    ...     result = distributed.merge(client, "/shared/base-model", "/shared/adapter",
+    ...                                "/shared/merged")
     """
     _dask()
     start = time.perf_counter()
@@ -194,6 +249,7 @@ def forward_batch(client, layer, X, adapter_ids=None, *, threads=None):
     Parameters
     ----------
     client : distributed.Client
+        A client of the cluster the tasks will run on.
     layer : LoraLinear or MultiLoraLinear
         Anything with ``forward_batch(X)`` (or ``forward_batch(X, ids)``
         with ``adapter_ids``), ``in_features``, ``out_features`` and
@@ -212,6 +268,36 @@ def forward_batch(client, layer, X, adapter_ids=None, *, threads=None):
         Lazy: ``.compute()``, ``.persist()`` or ``.store(...)`` it.  The
         scattered layer stays on the workers as long as this array (or
         anything computed from it) is referenced.
+
+    Raises
+    ------
+    LoraEnvironmentError
+        If dask or distributed is not installed.
+    LoraTypeError
+        If ``X`` is not a dask array, or ``threads`` not None or an int >= 1.
+    LoraShapeError
+        If ``X`` is not (rows, in_features) or ``adapter_ids`` not (rows,).
+
+    See Also
+    --------
+    numba_lora.LoraLinear.forward_batch : The same in one process.
+    numba_lora.MultiLoraLinear.forward_batch : The per-row adapters.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from distributed import Client
+    >>> from numba_lora import LoraLinear, distributed
+    >>> client = Client(processes=False, n_workers=1, threads_per_worker=1,
+    ...                 dashboard_address=None)
+    >>> rng = np.random.default_rng(0)
+    >>> layer = LoraLinear(rng.standard_normal((8, 4)), rank=2, alpha=4.0, seed=0)
+    >>> X = da.from_array(rng.standard_normal((10, 4)), chunks=(5, 4))
+    >>> Y = distributed.forward_batch(client, layer, X).compute()
+    >>> np.allclose(Y, layer.forward_batch(X.compute()))
+    True
+    >>> client.close()
     """
     da, _ = _dask()
     if not isinstance(X, da.Array):

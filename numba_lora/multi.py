@@ -57,6 +57,17 @@ class MultiLoraLinear(FrozenWeight):
     weight : array_like, shape (out_features, in_features)
         Base weight (float16 is widened to float32; see :class:`LoraLinear`).
 
+    Raises
+    ------
+    LoraShapeError, LoraDtypeError, LoraTypeError
+        If ``weight`` is not a 2-D array of real numbers.
+
+    See Also
+    --------
+    LoraLinear : One adapter, merged into W or not.
+    numba_lora.kernels.forward_batch_multi : The kernel behind
+        :meth:`forward_batch`.
+
     Examples
     --------
     >>> import numpy as np
@@ -83,7 +94,25 @@ class MultiLoraLinear(FrozenWeight):
     # ------------------------------------------------------------- adapters
     @property
     def adapter_names(self) -> list[str]:
-        """list of str: Adapter names; an adapter's id is its position here."""
+        """list of str: Adapter names; an adapter's id is its position here.
+
+        A new list on each access, in the order the adapters were added
+        (removing one shifts the later ones down).
+
+        See Also
+        --------
+        add_adapter : Appends a name.
+        remove_adapter : Removes one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.adapter_names
+        ['a']
+        """
         return list(self._packed.names)
 
     def __len__(self) -> int:
@@ -96,11 +125,74 @@ class MultiLoraLinear(FrozenWeight):
             return False
 
     def scaling(self, name: str) -> float:
-        """The scaling of adapter ``name``."""
+        """The scaling of adapter ``name``.
+
+        ``alpha / rank``, or ``alpha / sqrt(rank)`` for an rsLoRA adapter, as
+        computed when it was added.
+
+        Parameters
+        ----------
+        name : str
+            An adapter's name.
+
+        Returns
+        -------
+        float
+            The multiplier of that adapter's low-rank term.
+
+        Raises
+        ------
+        LoraKeyError
+            If the layer has no adapter ``name``.
+
+        See Also
+        --------
+        rank : The adapter's rank.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.scaling("a")
+        1.0
+        """
         return float(self._packed.scalings[self._id(name)])
 
     def rank(self, name: str) -> int:
-        """The rank of adapter ``name``."""
+        """The rank of adapter ``name``.
+
+        Adapters of one layer may have different ranks.
+
+        Parameters
+        ----------
+        name : str
+            An adapter's name.
+
+        Returns
+        -------
+        int
+            The number of rows of the adapter's A factor.
+
+        Raises
+        ------
+        LoraKeyError
+            If the layer has no adapter ``name``.
+
+        See Also
+        --------
+        scaling : The adapter's scaling.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.rank("a")
+        1
+        """
         return self._packed.ranks[self._id(name)]
 
     def add_adapter(self, name: str, A: ArrayLike, B: ArrayLike, alpha: float, *,
@@ -109,7 +201,21 @@ class MultiLoraLinear(FrozenWeight):
 
         ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
         Factors are copied and converted to the layer's dtype.  Ranks may
-        differ between adapters.
+        differ between adapters.  The new adapter's id is the number of
+        adapters before it.
+
+        Parameters
+        ----------
+        name : str
+            A name not yet used on this layer.
+        A : array_like, shape (rank, in_features)
+            LoRA down-projection, rank >= 1.
+        B : array_like, shape (out_features, rank)
+            LoRA up-projection.
+        alpha : float
+            LoRA alpha, finite and > 0.
+        use_rslora : bool, default False
+            ``scaling = alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
 
         Raises
         ------
@@ -120,6 +226,21 @@ class MultiLoraLinear(FrozenWeight):
             > 0, or the scaling overflows the layer's dtype.
         LoraShapeError, LoraDtypeError
             If A or B has the wrong shape or does not hold real numbers.
+
+        See Also
+        --------
+        add_layer : Takes the adapter of a :class:`LoraLinear`.
+        remove_adapter : The reverse.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.add_adapter("b", np.zeros((2, 4)), np.zeros((4, 2)), alpha=4.0, use_rslora=True)
+        >>> layer.adapter_names, layer.scaling("b")
+        (['a', 'b'], 2.8284271247461903)
         """
         check_name(name, "adapter")
         alpha = check_alpha(alpha)
@@ -150,8 +271,41 @@ class MultiLoraLinear(FrozenWeight):
     def add_layer(self, name: str, layer: LoraLinear) -> None:
         """Add the adapter of ``layer`` (a :class:`LoraLinear` over this base weight).
 
-        Its ``lora_a``, ``lora_b`` and scaling are taken; its own weight is
-        not looked at, only its shape and dtype are checked.
+        Its ``lora_a``, ``lora_b`` and scaling are taken as they are (rsLoRA or
+        not); its own weight is not looked at, only its shape and dtype are
+        checked.
+
+        Parameters
+        ----------
+        name : str
+            A name not yet used on this layer.
+        layer : LoraLinear
+            A layer of this layer's shape; its factors are copied and converted
+            to this layer's dtype.
+
+        Raises
+        ------
+        LoraTypeError
+            If ``name`` is not a str or ``layer`` not a :class:`LoraLinear`.
+        LoraShapeError
+            If ``layer`` has another shape.
+        LoraConfigError
+            If ``name`` is empty or taken, or the scaling overflows this
+            layer's dtype.
+
+        See Also
+        --------
+        add_adapter : From the factors themselves.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear, MultiLoraLinear
+        >>> W = np.eye(4, dtype=np.float32)
+        >>> multi = MultiLoraLinear(W)
+        >>> multi.add_layer("tuned", LoraLinear(W, rank=2, alpha=4.0, seed=0))
+        >>> multi.rank("tuned"), multi.scaling("tuned")
+        (2, 2.0)
         """
         check_name(name, "adapter")
         if not isinstance(layer, LoraLinear):
@@ -168,7 +322,34 @@ class MultiLoraLinear(FrozenWeight):
                      scaling, layer.alpha)
 
     def remove_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; later adapters' ids shift down by one."""
+        """Remove adapter ``name``; later adapters' ids shift down by one.
+
+        Forwards already running keep the adapters they started with.
+
+        Parameters
+        ----------
+        name : str
+            An adapter's name.
+
+        Raises
+        ------
+        LoraKeyError
+            If the layer has no adapter ``name``.
+
+        See Also
+        --------
+        add_adapter : The reverse.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.remove_adapter("a")
+        >>> len(layer)
+        0
+        """
         with self._lock.write():
             packed = self._packed
             drop = self._id(name, packed)
@@ -274,6 +455,10 @@ class MultiLoraLinear(FrozenWeight):
                       path: Literal["auto", "segmented", "rows"] = "auto") -> NDArray[np.floating]:
         """Apply each row's adapter (or none) to a batch.
 
+        One BLAS product for the dense part of the whole batch, then each
+        row's low-rank term by the path ``path`` names.  Needs no lock: it
+        reads one consistent snapshot of the adapters.
+
         Parameters
         ----------
         X : array_like, shape (batch, in_features)
@@ -283,7 +468,8 @@ class MultiLoraLinear(FrozenWeight):
             (``-1`` for the base weight only), or its name (``None`` for the
             base weight only).
         out : ndarray, shape (batch, out_features), optional
-            Where to write the result.
+            Where to write the result: C-contiguous, writable, of the layer's
+            dtype, overlapping no input.
         path : {"auto", "segmented", "rows"}, optional
             Which kernel adds the low-rank terms (see
             :mod:`numba_lora.kernels.multi`); ``"auto"`` chooses by the
@@ -292,6 +478,32 @@ class MultiLoraLinear(FrozenWeight):
         Returns
         -------
         ndarray, shape (batch, out_features)
+            The result, in the layer's dtype (``out`` when given).
+
+        Raises
+        ------
+        LoraShapeError, LoraDtypeError
+            If ``X``, ``adapter_ids`` or ``out`` has the wrong shape or dtype.
+        LoraKeyError
+            If an id is out of range or a name unknown.
+        LoraTypeError, LoraConfigError
+            If ``adapter_ids`` holds something else, or ``path`` is not one of
+            the three.
+
+        See Also
+        --------
+        numba_lora.kernels.forward_batch_multi : The kernel it calls.
+        numba_lora.distributed.forward_batch : The same over a Dask array.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> layer.forward_batch(np.ones((2, 4)), [0, -1])
+        array([[5., 5., 5., 5.],
+               [1., 1., 1., 1.]], dtype=float32)
         """
         packed = self._packed
         if not isinstance(path, str):
@@ -313,7 +525,30 @@ class MultiLoraLinear(FrozenWeight):
 
     # ---------------------------------------------------------- utilities
     def copy(self) -> MultiLoraLinear:
-        """An independent copy: its own W, packed factors and lock."""
+        """An independent copy: its own W, packed factors and lock.
+
+        What :func:`copy.copy` and :func:`copy.deepcopy` return too.
+
+        Returns
+        -------
+        MultiLoraLinear
+            A layer equal to this one that shares no array with it.
+
+        See Also
+        --------
+        copy.deepcopy : The same copy.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import MultiLoraLinear
+        >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
+        >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
+        >>> twin = layer.copy()
+        >>> twin.remove_adapter("a")
+        >>> layer.adapter_names, twin.adapter_names
+        (['a'], [])
+        """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._W = self._W.copy()
