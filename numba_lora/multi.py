@@ -238,9 +238,9 @@ class MultiLoraLinear(FrozenWeight):
         >>> from numba_lora import MultiLoraLinear
         >>> layer = MultiLoraLinear(np.eye(4, dtype=np.float32))
         >>> layer.add_adapter("a", np.ones((1, 4)), np.ones((4, 1)), alpha=1.0)
-        >>> layer.add_adapter("b", np.zeros((2, 4)), np.zeros((4, 2)), alpha=4.0, use_rslora=True)
-        >>> layer.adapter_names, layer.scaling("b")
-        (['a', 'b'], 2.8284271247461903)
+        >>> layer.add_adapter("b", np.zeros((4, 4)), np.zeros((4, 4)), alpha=8.0, use_rslora=True)
+        >>> layer.adapter_names, layer.scaling("b")          # 8 / sqrt(4)
+        (['a', 'b'], 4.0)
         """
         check_name(name, "adapter")
         alpha = check_alpha(alpha)
