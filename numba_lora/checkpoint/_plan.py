@@ -18,9 +18,9 @@ from ..io.peft import (
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
-    _check_float,
-    _module_keys,
-    _read_config,
+    adapter_modules,
+    check_float_tensor,
+    read_adapter_config,
 )
 from ..io.safetensors import SafetensorsFile, as_path
 from ._layout import FLOAT_DTYPES, read_checkpoint
@@ -116,12 +116,12 @@ def plan_merge(base, adapter, *, dtype="keep"):
     adapter_dir = as_path(adapter, "adapter")
     if not adapter_dir.is_dir():
         raise LoraFormatError(f"adapter {adapter_dir} is not a directory")
-    config = _read_config(adapter_dir)
+    config = read_adapter_config(adapter_dir)
     adapter_file = adapter_dir / WEIGHTS_NAME
     if not adapter_file.is_file():
         raise LoraFormatError(f"{adapter_dir} has no {WEIGHTS_NAME}")
     weights = SafetensorsFile(adapter_file)
-    modules = _module_keys(weights)
+    modules = adapter_modules(weights)
     if not modules:
         raise LoraFormatError(f"{adapter_file} holds no LoRA tensors")
 
@@ -133,7 +133,7 @@ def plan_merge(base, adapter, *, dtype="keep"):
     for module, keys in modules.items():
         a_key, b_key = keys["A"], keys["B"]
         for key in (a_key, b_key):
-            _check_float(weights, key, "LoRA factors")
+            check_float_tensor(weights, key, "LoRA factors")
         a_shape, b_shape = weights.shape(a_key), weights.shape(b_key)
         rank = a_shape[0]
         if b_shape[1] != rank:

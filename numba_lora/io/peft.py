@@ -30,7 +30,8 @@ from .safetensors import SafetensorsFile, as_path, open_weights
 from ._fs import quietly as _quietly
 
 __all__ = ["load_peft", "save_peft", "check_module_name", "module_aliases",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "read_adapter_config", "adapter_modules", "check_float_tensor",
+           "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "FLOAT_DTYPES"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,8 +68,8 @@ _UNSUPPORTED_TENSORS = (
     ("trainable_tokens", "trainable tokens"),
 )
 
-# safetensors dtypes a LoRA factor or a base weight may have.
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: safetensors dtypes a LoRA factor or a base weight may have.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 # adapter_config.json keys read into LoraConfig fields of the same name:
 # (key, required).  A JSON null counts as absent: PEFT writes null for unset
@@ -156,7 +157,33 @@ def module_aliases(name):
 
 
 # --------------------------------------------------------------------- reading
-def _read_config(path):
+def read_adapter_config(path):
+    """The :class:`~numba_lora.LoraConfig` of the PEFT adapter directory ``path``, checked.
+
+    Reads ``path / "adapter_config.json"``.  Keys numba_lora models become
+    the config's fields; every other key is kept, as it is, in
+    ``LoraConfig.extra``.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The adapter directory.
+
+    Returns
+    -------
+    LoraConfig
+
+    Raises
+    ------
+    LoraFormatError
+        The file is missing, not UTF-8 JSON, not an object, lacks ``r`` or
+        ``lora_alpha``, or holds a value of the wrong type (the message
+        names the file and the key).
+    LoraUnsupportedError
+        A PEFT type other than LORA, or a setting that changes the outputs
+        in a way numba_lora does not implement (DoRA, ``lora_bias``,
+        ``modules_to_save``, ...), named.
+    """
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise LoraFormatError(f"{path} has no {CONFIG_NAME}")
@@ -194,8 +221,31 @@ def _read_config(path):
     return LoraConfig(**kwargs)
 
 
-def _module_keys(weights):
-    """{module: {"A": key, "B": key}} from the adapter file's tensor names, in file order."""
+def adapter_modules(weights):
+    """``{module: {"A": key, "B": key}}`` from an adapter file's tensor names, in file order.
+
+    Parameters
+    ----------
+    weights : SafetensorsFile
+        ``adapter_model.safetensors``, its header read.
+
+    Returns
+    -------
+    dict
+        Module name (PEFT's ``base_model.model.`` prefix removed) to the
+        keys of its ``lora_A`` and ``lora_B`` weights.
+
+    Raises
+    ------
+    LoraFormatError
+        A tensor that is not a ``lora_A`` / ``lora_B`` weight, a module
+        name that would not load back, two tensors for one factor, a factor
+        without its partner.
+    LoraUnsupportedError
+        Tensors of features numba_lora refuses (embedding adapters, DoRA
+        magnitudes, ``lora_bias``, ``modules_to_save``, convolution
+        adapters), named.
+    """
     modules = {}
     for key in weights.keys():
         for fragment, what in _UNSUPPORTED_TENSORS:
@@ -241,12 +291,18 @@ def _module_keys(weights):
     return modules
 
 
-def _check_float(file, key, what):
+def check_float_tensor(file, key, what):
+    """Raise LoraFormatError unless tensor ``key`` of ``file`` has a float dtype (:data:`FLOAT_DTYPES`).
+
+    ``file`` is a :class:`~numba_lora.io.safetensors.SafetensorsFile` or a
+    :class:`~numba_lora.io.safetensors.ShardedSafetensors`; ``what`` names the
+    tensor's role in the message ("LoRA factors", "base weights").
+    """
     dtype = file.dtype(key)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise LoraFormatError(
             f"{file.file_of(key)}: tensor {key!r} has dtype {dtype}; {what} must be floating point "
-            f"({', '.join(_FLOAT_DTYPES)})"
+            f"({', '.join(FLOAT_DTYPES)})"
         )
 
 
@@ -302,7 +358,7 @@ class _BaseWeights:
             )
         key = hits[0]
         if self._file is not None:
-            _check_float(self._file, key, "base weights")
+            check_float_tensor(self._file, key, "base weights")
             return key, self._file.read(key)
         W = as_array(self._mapping[key], f"base weight {key!r}")
         if W.dtype.kind != "f":
@@ -316,17 +372,17 @@ class _BaseWeights:
 def load_peft(cls, path, base_weights):
     """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``."""
     path = as_path(path)
-    config = _read_config(path)
+    config = read_adapter_config(path)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         raise LoraFormatError(f"{path} has no {WEIGHTS_NAME}")
     weights = SafetensorsFile(weights_path)
-    modules = _module_keys(weights)
+    modules = adapter_modules(weights)
     if not modules:
         raise LoraFormatError(f"{weights_path} holds no LoRA tensors")
     for entry in modules.values():
         for key in entry.values():
-            _check_float(weights, key, "LoRA factors")
+            check_float_tensor(weights, key, "LoRA factors")
     base = _BaseWeights(base_weights)
     factors = weights.read_many([key for entry in modules.values() for key in entry.values()])
     # Files numba_lora saved list every layer in target_modules, in order:
