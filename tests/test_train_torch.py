@@ -626,3 +626,37 @@ def test_peft_loads_the_adapter_numba_lora_trained(tmp_path):
     with torch.no_grad():
         theirs = model(torch.from_numpy(X)).numpy()
     assert_scaled(mlp_forward_with_adapter(adapter, d, X), theirs, 1e-5, "PEFT output")
+
+
+# ------------------------------------------------------------- the example
+def load_example():
+    optim()
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_mlp.py"
+    if not path.exists():
+        pytest.skip("examples/ is not part of an installed package")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_mlp_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_loss_falls_and_saved_adapter_loads(tmp_path):
+    example = load_example()
+    result = example.train_demo(epochs=3, verbose=False, out_dir=tmp_path / "adapter")
+    assert result["test_loss"][-1] < 0.5 * result["test_loss"][0]
+    assert len(result["step_loss"]) == 3 * 8 and len(result["train_loss"]) == 4
+    base = result["base"]
+    loaded = LoraAdapter.from_peft(tmp_path / "adapter",
+                                   {"fc1": base["fc1_weight"], "fc2": base["fc2_weight"]})
+    _, _, (X, _) = example.make_problem(0)
+    np.testing.assert_array_equal(example.mlp_forward(loaded, base, X),
+                                  example.mlp_forward(result["adapter"], base, X))
+
+
+def test_example_main_runs(tmp_path, capsys):
+    example = load_example()
+    assert example.main(["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2" in out and (tmp_path / "a" / "adapter_config.json").exists()
