@@ -406,7 +406,20 @@ class LoraConfig:
     # numba_lora's earlier names, kept as aliases of PEFT's.
     @property
     def rank(self) -> int:
-        """int: Alias of :attr:`r`."""
+        """int: Alias of :attr:`r`.
+
+        numba_lora's earlier name, kept beside PEFT's; setting one sets the other.
+
+        See Also
+        --------
+        LoraConfig : The ``r`` parameter.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> LoraConfig(r=16).rank
+        16
+        """
         return self.r
 
     @rank.setter
@@ -415,7 +428,20 @@ class LoraConfig:
 
     @property
     def alpha(self) -> float:
-        """float: Alias of :attr:`lora_alpha`."""
+        """float: Alias of :attr:`lora_alpha`.
+
+        numba_lora's earlier name, kept beside PEFT's; setting one sets the other.
+
+        See Also
+        --------
+        LoraConfig : The ``lora_alpha`` parameter.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> LoraConfig(lora_alpha=32.0).alpha
+        32.0
+        """
         return self.lora_alpha
 
     @alpha.setter
@@ -424,7 +450,20 @@ class LoraConfig:
 
     @property
     def dropout(self) -> float:
-        """float: Alias of :attr:`lora_dropout`."""
+        """float: Alias of :attr:`lora_dropout`.
+
+        numba_lora's earlier name, kept beside PEFT's; setting one sets the other.
+
+        See Also
+        --------
+        LoraConfig : The ``lora_dropout`` parameter.
+
+        Examples
+        --------
+        >>> from numba_lora import LoraConfig
+        >>> LoraConfig(lora_dropout=0.1).dropout
+        0.1
+        """
         return self.lora_dropout
 
     @dropout.setter

@@ -41,7 +41,49 @@ class Result:
 
     ``dense_s`` is the baseline's time: the dense product for forward rows,
     a copy of W for merge rows, a single-adapter ``forward_batch`` of the
-    same rows for the multi-adapter rows (``baseline`` names it).
+    same rows for the multi-adapter rows (``baseline`` names it).  The
+    ratios are computed on construction.
+
+    Parameters
+    ----------
+    op : str
+        ``"forward"``, ``"merge"``, ``"unmerge"``, ``"multi_mixed"`` or
+        ``"multi_per_row"``.
+    out_features : int
+        W's rows.
+    in_features : int
+        W's columns.
+    rank : int
+        The adapter's rank.
+    dtype : str
+        ``"float32"`` or ``"float64"``.
+    batch : int
+        Rows per call (1: one vector; 0 for merge rows).
+    threads : int
+        Numba's (and BLAS's) thread count during the case.
+    repeats : int
+        Timed calls of each callable.
+    numba_lora_s : float
+        Median seconds of numba_lora's call.
+    numpy_s : float
+        Median seconds of what a NumPy user writes.
+    dense_s : float
+        Median seconds of the baseline.
+    baseline : str, default "dense"
+        What ``dense_s`` timed.
+    peft_s : float, optional
+        Multi-adapter rows, with torch installed: PEFT's mixed batch.
+    peft_single_s : float, optional
+        PEFT's single-adapter batch of the same rows.
+
+    Attributes
+    ----------
+    ratio : float
+        ``numba_lora_s / dense_s``.
+    numpy_ratio : float
+        ``numpy_s / dense_s``.
+    peft_ratio : float or None
+        ``peft_s / peft_single_s``.
     """
 
     op: str
@@ -82,9 +124,34 @@ def _layer(shape, rank, dtype, seed=0):
 def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
     """Time one case; return a list of :class:`Result`.
 
-    ``op`` is ``"forward"`` (``batch`` rows; 1 means one vector), ``"merge"``
-    (two results, merge and unmerge), ``"multi_mixed"`` or ``"multi_per_row"``
-    (:data:`MULTI_CASES`; ``batch`` is ignored).
+    Parameters
+    ----------
+    op : str
+        ``"forward"`` (``batch`` rows; 1 means one vector), ``"merge"``
+        (two results, merge and unmerge), ``"multi_mixed"`` or
+        ``"multi_per_row"`` (:data:`MULTI_CASES`; ``batch`` is ignored).
+    shape : tuple of int
+        W's (out_features, in_features).
+    rank : int
+        The adapter's rank.
+    dtype : str
+        ``"float32"`` or ``"float64"``.
+    batch : int, default 1
+        Rows per forward call.
+    threads : int, optional
+        The thread count to label the result with; None: the current one.
+    budget_s : float, default 1.0
+        Seconds of timing for the case (see
+        :func:`~numba_lora.bench.timing.interleaved`).
+
+    Returns
+    -------
+    list of Result
+        One result, or two for ``"merge"``.
+
+    See Also
+    --------
+    run : Every case of a grid.
     """
     layer, rng = _layer(shape, rank, dtype)
     threads = threads or current_threads()
@@ -273,8 +340,36 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
         progress=True):
     """Run every combination; return a list of :class:`Result`.
 
-    ``threads`` lists the thread counts to run under (Numba's and BLAS's
-    together); ``None`` keeps the counts as set.
+    Parameters
+    ----------
+    shapes : sequence of tuple of int
+        W's shapes, (out_features, in_features).
+    ranks : sequence of int
+        Adapter ranks.
+    dtypes : sequence of str
+        ``"float32"`` and/or ``"float64"``.
+    batches : sequence of int
+        Rows per forward call (1: one vector).
+    threads : sequence of int or None
+        The thread counts to run under (Numba's and BLAS's together);
+        ``None`` keeps the counts as set.
+    merge : bool, default True
+        Also time merge and unmerge.
+    multi : bool, default False
+        Also time the multi-adapter cases (:data:`MULTI_CASES`).
+    budget_s : float, default 1.0
+        Seconds of timing per case.
+    progress : bool, default True
+        Show progress on stderr.
+
+    Returns
+    -------
+    list of Result
+        In the order the cases ran.
+
+    See Also
+    --------
+    run_case : One case.
     """
     plan = _plan(shapes, ranks, dtypes, batches, threads, merge, multi)
     bar = Progress(len(plan)) if progress else None

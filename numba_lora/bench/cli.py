@@ -30,6 +30,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message):
+        """Exit with status 2 and the usage error on one line, no traceback.
+
+        Parameters
+        ----------
+        message : str
+            What is wrong, as argparse words it.
+        """
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -91,7 +98,18 @@ def _output(text):
 
 
 def add_arguments(p):
-    """Add the bench's options to the (sub)parser ``p``."""
+    """Add the bench's options to the (sub)parser ``p``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The parser, or the ``bench`` subparser of ``python -m numba_lora``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``p`` itself.
+    """
     rows = "; ".join(f"{rows} rows over {n} adapters" for rows, n in MULTI_CASES.values())
     p.add_argument("--shape", type=_shape, action="append",
                    help="weight shape OUTxIN (repeatable; default 4096x4096)")
@@ -120,7 +138,13 @@ def add_arguments(p):
 
 
 def parser():
-    """The bench's parser on its own (``python -m numba_lora`` adds it as a subcommand)."""
+    """The bench's parser on its own (``python -m numba_lora`` adds it as a subcommand).
+
+    Returns
+    -------
+    ArgumentParser
+        A parser whose errors are one-line usage errors.
+    """
     return add_arguments(ArgumentParser(prog="python -m numba_lora bench",
                                         description=DESCRIPTION))
 
@@ -139,7 +163,23 @@ def _check_memory(shapes, p):
 
 
 def execute(args, p):
-    """Run the bench for parsed ``args``; ``p`` (their parser) reports what they cannot mix."""
+    """Run the bench for parsed ``args``; ``p`` (their parser) reports what they cannot mix.
+
+    A rank above a shape's ``min(OUT, IN)`` and a shape too large for the
+    machine's memory are usage errors, raised before anything is timed.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+    p : argparse.ArgumentParser
+        The parser that parsed them (for ``p.error``).
+
+    Returns
+    -------
+    int
+        The exit code, 0.
+    """
     shapes = args.shape or list(DEFAULT_SHAPES)
     for out_features, in_features in shapes:
         for rank in args.rank:
@@ -171,6 +211,24 @@ def execute(args, p):
 
 
 def main(argv=None):
-    """``python -m numba_lora bench [options]``; returns the exit code."""
+    """``python -m numba_lora bench [options]``; returns the exit code.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        The exit code (a usage error exits with 2 instead).
+
+    Examples
+    --------
+    >>> from numba_lora.bench.cli import main
+    >>> main(["--shape", "64x32", "--rank", "4", "--batch", "1", "--budget", "0.01",
+    ...       "--no-merge", "--no-multi"])                    # doctest: +SKIP
+    0
+    """
     p = parser()
     return execute(p.parse_args(argv), p)

@@ -19,6 +19,24 @@ _UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
 def format_time(seconds):
     """``seconds`` in s, ms or us, whichever puts the value at 1 or above (us at most).
 
+    Four significant digits: 3 decimals below 10, 2 below 100, else 1.
+
+    Parameters
+    ----------
+    seconds : float
+        A duration.
+
+    Returns
+    -------
+    str
+        The duration with its unit.
+
+    See Also
+    --------
+    format_table : Uses it for every time.
+
+    Examples
+    --------
     >>> format_time(0.0123), format_time(4.5e-6), format_time(2.0)
     ('12.30 ms', '4.500 us', '2.000 s')
     """
@@ -32,7 +50,20 @@ def format_time(seconds):
 
 
 def format_table(results):
-    """Results (a list of :class:`~numba_lora.bench.Result`) as a plain-text table."""
+    """Format results as a plain-text table.
+
+    Times are medians; the last lines say what each baseline timed.
+
+    Parameters
+    ----------
+    results : list of Result
+        Rows from :func:`numba_lora.bench.run`.
+
+    Returns
+    -------
+    str
+        The table, lines joined by newlines.
+    """
     header = (f"{'operation':<14}{'shape':>11}{'rank':>5}{'dtype':>8}{'batch':>6}{'thr':>4}"
               f"{'numba_lora':>12}{'numpy':>11}{'baseline':>11}{'lora/base':>11}{'numpy/base':>12}")
     lines = [header, "-" * len(header)]
@@ -66,7 +97,19 @@ def format_table(results):
 def describe_extras(report):
     """Sentences for the memory and cold-start figures of a report, if it has them.
 
-    Shared by the bench's table and docs/make_performance.py.
+    Shared by the bench's table and ``docs/make_performance.py``, so the
+    figures read the same in the terminal and in the docs.
+
+    Parameters
+    ----------
+    report : dict
+        The bench's JSON report; its ``memory`` and ``cold_start`` entries
+        are read when present.
+
+    Returns
+    -------
+    list of str
+        One sentence per figure.
     """
     lines = []
     for row in report.get("memory", []):
@@ -89,7 +132,15 @@ def describe_extras(report):
 
 
 def machine_info():
-    """What the figures were measured on."""
+    """What the figures were measured on.
+
+    Returns
+    -------
+    dict
+        Python, NumPy, SciPy and Numba versions, machine, CPU count,
+        Numba's thread count and threading layer, and the BLAS library
+        and its thread count.
+    """
     import scipy
 
     from ..kernels._blas import PROVIDER, blas_threads
@@ -111,7 +162,15 @@ def _threading_layer():
 
 
 class Progress:
-    """A one-line progress bar on stderr (a line per step when not a terminal)."""
+    """A one-line progress bar on stderr (a line per step when not a terminal).
+
+    Parameters
+    ----------
+    total : int
+        The number of steps.
+    stream : file-like, optional
+        Where to write; ``sys.stderr`` by default.
+    """
 
     def __init__(self, total, stream=None):
         self.stream = sys.stderr if stream is None else stream
@@ -119,6 +178,13 @@ class Progress:
         self.tty = self.stream.isatty()
 
     def step(self, label):
+        """Show that the step ``label`` starts.
+
+        Parameters
+        ----------
+        label : str
+            What the step does.
+        """
         width = 24
         filled = int(width * self.done / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
@@ -131,6 +197,7 @@ class Progress:
         self.done += 1
 
     def close(self):
+        """Clear the bar from a terminal (nothing to do otherwise)."""
         if self.tty:
             self.stream.write("\r" + " " * 78 + "\r")
             self.stream.flush()

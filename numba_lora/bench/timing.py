@@ -33,6 +33,10 @@ def interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=Fals
     budget_s : float
         Seconds of timing to spend on all of them together (after warm-up);
         the repeat count is clipped to ``[min_repeats, max_repeats]``.
+    min_repeats : int, default 5
+        Fewest timed calls of each callable, whatever the budget.
+    max_repeats : int, default 200
+        Most timed calls of each callable, whatever the budget.
     self_timed : bool
         Each callable times itself and returns a tuple of durations (several
         steps of one call); the medians are then arrays, one per step.
@@ -43,6 +47,17 @@ def interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=Fals
         Per callable, a float (seconds) or with ``self_timed`` an array.
     repeats : int
         How many times each callable was timed.
+
+    See Also
+    --------
+    numba_lora.bench.cases.run_case : Times one case with it.
+
+    Examples
+    --------
+    >>> from numba_lora.bench.timing import interleaved
+    >>> medians, repeats = interleaved([lambda: None, lambda: sum(range(100))], 0.01)
+    >>> len(medians), repeats >= 5
+    (2, True)
     """
     def sample(f):
         if self_timed:
@@ -66,14 +81,28 @@ def interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=Fals
 
 
 def current_threads():
-    """Numba's thread count, the one a result is labelled with."""
+    """Numba's thread count, the one a result is labelled with.
+
+    Returns
+    -------
+    int
+        ``numba.get_num_threads()`` in the calling thread.
+    """
     return numba.get_num_threads()
 
 
 def set_threads(n):
     """Use ``n`` threads in Numba and in the BLAS (NumPy's, which the kernels share).
 
-    Returns a callable that restores the previous counts.
+    Parameters
+    ----------
+    n : int
+        Between 1 and ``numba.config.NUMBA_NUM_THREADS``.
+
+    Returns
+    -------
+    callable
+        Called without arguments, it restores the previous counts.
     """
     numba_before, blas_before = get_num_threads()
     set_num_threads(n)
@@ -89,8 +118,23 @@ def set_threads(n):
 def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
     """Seconds for a fresh interpreter to import numba_lora and run the first forward.
 
-    With ``cache_dir`` pointing at an empty directory the compile is cold;
-    with ``None`` the package's own (warm) cache is used.
+    Parameters
+    ----------
+    dtype : str, default "float32"
+        The layer's dtype.
+    shape : tuple of int, default (4096, 4096)
+        The layer's (out_features, in_features).
+    rank : int, default 16
+        The layer's rank.
+    cache_dir : str or os.PathLike, optional
+        An empty directory makes the compile cold (``NUMBA_CACHE_DIR``);
+        ``None`` uses the package's own (warm) cache.
+
+    Returns
+    -------
+    float
+        Seconds from the child's first statement to the end of its first
+        forward.
     """
     code = (
         "import time; t=time.perf_counter(); import numpy as np, numba_lora; "
@@ -107,7 +151,14 @@ def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
 
 
 def cold_start_figures():
-    """The report's ``cold_start`` entry: median of three warm-cache starts, one cold."""
+    """The report's ``cold_start`` entry: median of three warm-cache starts, one cold.
+
+    Returns
+    -------
+    dict
+        ``warm_cache_s`` (median of three starts with the package's cache)
+        and ``cold_cache_s`` (one start with an empty cache), in seconds.
+    """
     cold_start()  # make sure the package cache is warm
     warm = [cold_start() for _ in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,10 +224,25 @@ print(peak_bytes() - before)
 def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
     """Growth of peak RSS during one merge, in bytes, measured in a fresh process.
 
-    ``side`` is ``"numba_lora"`` (``kernels.merge``) or ``"numpy"``
-    (``W += s * (B @ A)``).  On Linux the peak is reset after the warm-up
-    (``/proc/self/clear_refs``); elsewhere it is the process's lifetime peak,
-    which compilation may already have raised above the merge's.
+    On Linux the peak is reset after the warm-up (``/proc/self/clear_refs``);
+    elsewhere it is the process's lifetime peak, which compilation may
+    already have raised above the merge's.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        W's (out_features, in_features).
+    rank : int
+        The adapter's rank.
+    dtype : str or numpy.dtype
+        ``float32`` or ``float64``.
+    side : {"numba_lora", "numpy"}
+        ``kernels.merge``, or NumPy's ``W += s * (B @ A)``.
+
+    Returns
+    -------
+    int
+        Bytes the peak resident set grew by.
     """
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(shape[0]), str(shape[1]), str(rank),
@@ -187,7 +253,23 @@ def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
 
 
 def memory_rows(shapes, ranks, dtypes):
-    """The report's ``memory`` entry: one merge's extra peak memory, both sides, per case."""
+    """The report's ``memory`` entry: one merge's extra peak memory, both sides, per case.
+
+    Parameters
+    ----------
+    shapes : list of tuple of int
+        W's shapes, (out_features, in_features).
+    ranks : list of int
+        Adapter ranks.
+    dtypes : list of str
+        ``float32`` and/or ``float64``.
+
+    Returns
+    -------
+    list of dict
+        One row per shape, rank and dtype: W's bytes and, for
+        ``numba_lora`` and ``numpy``, the extra bytes and their fraction of W.
+    """
     rows = []
     for shape in shapes:
         for rank in ranks:
