@@ -47,9 +47,14 @@ __all__ = [
     "sgd_step_serial",
 ]
 
-#: Elements per task of the parallel optimizer loops (16 KiB of float32 per
-#: array: the four arrays of a task stay in L1/L2 while it runs).
+#: Elements per task of the parallel optimizer loops, about (whole rows):
+#: 16 KiB of float32 per array, so the arrays of a task stay in L1/L2.
 CHUNK = 4096
+
+
+@njit(**EXACT_OPTIONS)
+def _rows_per_task(array):
+    return max(1, CHUNK // max(1, array.shape[1]))
 
 
 # ----------------------------------------------------------------- checks
@@ -410,13 +415,10 @@ def backward_factors(B, scaling, XL, H, dY, dA, dB, beta):
 
 # ----------------------------------------------------------------- AdamW
 @njit(**EXACT_OPTIONS)
-def _check_elementwise(param, others):
-    for a in others:
-        if a.shape[0] != param.shape[0] or a.shape[1] != param.shape[1]:
-            raise LoraShapeError("grad and optimizer state must have param's shape")
-        if not a.flags.c_contiguous:
-            raise LoraShapeError("param, grad and optimizer state must be C-contiguous")
-    if not param.flags.c_contiguous:
+def _check_like(param, a):
+    if a.shape[0] != param.shape[0] or a.shape[1] != param.shape[1]:
+        raise LoraShapeError("grad and optimizer state must have param's shape")
+    if not (a.flags.c_contiguous and param.flags.c_contiguous):
         raise LoraShapeError("param, grad and optimizer state must be C-contiguous")
 
 
@@ -475,37 +477,45 @@ def _adamw_range(p, g, m, v, lo, hi, decay, w, b2, c2, neg_step, bc2_sqrt, eps, 
 
 @njit(**EXACT_OPTIONS)
 def _adamw_prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    _check_elementwise(param, (grad, exp_avg, exp_avg_sq))
+    _check_like(param, grad)
+    _check_like(param, exp_avg)
+    _check_like(param, exp_avg_sq)
     decay, w, b2, c2, neg_step, bc2_sqrt, eps_ = _adamw_scalars(
         step, lr, beta1, beta2, eps, weight_decay)
     t = param.dtype.type
-    n = param.size
-    return (param.reshape(n), grad.reshape(n), exp_avg.reshape(n), exp_avg_sq.reshape(n),
-            t(decay), t(w), t(b2), t(c2), t(neg_step), t(bc2_sqrt), t(eps_), weight_decay != 0)
+    return (t(decay), t(w), t(b2), t(c2), t(neg_step), t(bc2_sqrt), t(eps_), weight_decay != 0)
+
+
+@njit(**EXACT_OPTIONS)
+def _adamw_rows(P, G, M, V, r0, r1, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
+    for i in range(r0, r1):
+        _adamw_range(P[i], G[i], M[i], V[i], 0, P.shape[1], decay, w, b2, c2, neg_step,
+                     bc2_sqrt, eps, do_decay)
 
 
 @njit(parallel=True, **EXACT_OPTIONS)
-def _adamw_parallel(p, g, m, v, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
-    n = p.shape[0]
-    chunks = (n + CHUNK - 1) // CHUNK
-    for c in prange(chunks):
-        _adamw_range(p, g, m, v, c * CHUNK, min(n, (c + 1) * CHUNK), decay, w, b2, c2,
-                     neg_step, bc2_sqrt, eps, do_decay)
+def _adamw_parallel(P, G, M, V, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
+    rows = P.shape[0]
+    per = _rows_per_task(P)
+    for c in prange((rows + per - 1) // per):
+        _adamw_rows(P, G, M, V, c * per, min(rows, (c + 1) * per), decay, w, b2, c2,
+                    neg_step, bc2_sqrt, eps, do_decay)
 
 
 @njit(**EXACT_OPTIONS)
 def _adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    p, g, m, v, decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
+    decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    _adamw_parallel(p, g, m, v, decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay)
+    _adamw_parallel(param, grad, exp_avg, exp_avg_sq, decay, w, b2, c2, neg_step, bc2_sqrt,
+                    eps_, do_decay)
 
 
 @njit(**EXACT_OPTIONS)
 def _adamw_serial(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    p, g, m, v, decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
+    decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    _adamw_range(p, g, m, v, 0, p.shape[0], decay, w, b2, c2, neg_step, bc2_sqrt, eps_,
-                  do_decay)
+    _adamw_rows(param, grad, exp_avg, exp_avg_sq, 0, param.shape[0], decay, w, b2, c2,
+                neg_step, bc2_sqrt, eps_, do_decay)
 
 
 _ADAMW = (("param", "f2w"), ("grad", "f2"), ("exp_avg", "f2w"), ("exp_avg_sq", "f2w"),
@@ -588,7 +598,8 @@ def _sgd_range(p, g, buf, lo, hi, neg_lr, momentum, c, wd, nesterov, first, use_
 @njit(**EXACT_OPTIONS)
 def _sgd_prepare(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,
                  first):
-    _check_elementwise(param, (grad, momentum_buffer))
+    _check_like(param, grad)
+    _check_like(param, momentum_buffer)
     if not (_finite(lr) and lr >= 0):
         raise LoraConfigError("sgd_step: lr must be finite and >= 0")
     if not (_finite(momentum) and momentum >= 0):
@@ -599,36 +610,40 @@ def _sgd_prepare(param, grad, momentum_buffer, lr, momentum, dampening, weight_d
     if nesterov and (momentum <= 0 or dampening != 0):
         raise LoraConfigError("sgd_step: nesterov needs momentum > 0 and dampening 0")
     t = param.dtype.type
-    n = param.size
-    return (param.reshape(n), grad.reshape(n), momentum_buffer.reshape(n), t(-np.float64(lr)),
-            t(momentum), t(1.0 - np.float64(dampening)), t(weight_decay), nesterov != 0,
-            first != 0, momentum != 0)
+    return (t(-np.float64(lr)), t(momentum), t(1.0 - np.float64(dampening)), t(weight_decay),
+            nesterov != 0, first != 0, momentum != 0)
+
+
+@njit(**EXACT_OPTIONS)
+def _sgd_rows(P, G, BUF, r0, r1, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
+    for i in range(r0, r1):
+        _sgd_range(P[i], G[i], BUF[i], 0, P.shape[1], neg_lr, momentum, c, wd, nesterov, first,
+                   use_momentum)
 
 
 @njit(parallel=True, **EXACT_OPTIONS)
-def _sgd_parallel(p, g, buf, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
-    n = p.shape[0]
-    chunks = (n + CHUNK - 1) // CHUNK
-    for k in prange(chunks):
-        _sgd_range(p, g, buf, k * CHUNK, min(n, (k + 1) * CHUNK), neg_lr, momentum, c, wd,
-                   nesterov, first, use_momentum)
+def _sgd_parallel(P, G, BUF, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
+    rows = P.shape[0]
+    per = _rows_per_task(P)
+    for k in prange((rows + per - 1) // per):
+        _sgd_rows(P, G, BUF, k * per, min(rows, (k + 1) * per), neg_lr, momentum, c, wd,
+                  nesterov, first, use_momentum)
 
 
 @njit(**EXACT_OPTIONS)
 def _sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first):
-    args = _sgd_prepare(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
-                        nesterov, first)
-    p, g, buf, neg_lr, mom, c, wd, nest, fst, use = args
-    _sgd_parallel(p, g, buf, neg_lr, mom, c, wd, nest, fst, use)
+    neg_lr, mom, c, wd, nest, fst, use = _sgd_prepare(
+        param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first)
+    _sgd_parallel(param, grad, momentum_buffer, neg_lr, mom, c, wd, nest, fst, use)
 
 
 @njit(**EXACT_OPTIONS)
 def _sgd_serial(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,
                 first):
-    args = _sgd_prepare(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
-                        nesterov, first)
-    p, g, buf, neg_lr, mom, c, wd, nest, fst, use = args
-    _sgd_range(p, g, buf, 0, p.shape[0], neg_lr, mom, c, wd, nest, fst, use)
+    neg_lr, mom, c, wd, nest, fst, use = _sgd_prepare(
+        param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first)
+    _sgd_rows(param, grad, momentum_buffer, 0, param.shape[0], neg_lr, mom, c, wd, nest, fst,
+              use)
 
 
 _SGD = (("param", "f2w"), ("grad", "f2"), ("momentum_buffer", "f2w"), ("lr", "real"),
