@@ -135,3 +135,14 @@ __all__ += [
     "widen_f16",
     "round_f16",
 ]
+
+# Calls from Python with arguments Numba cannot type or lower (a dict, float16,
+# a big-endian array) raise a LoraError too, not a Numba error.
+from numba.core.dispatcher import Dispatcher as _Dispatcher  # noqa: E402
+
+from ._guard import python_errors as _python_errors  # noqa: E402
+
+for _name in __all__:
+    if isinstance(globals()[_name], _Dispatcher):
+        _python_errors(globals()[_name])
+del _name

@@ -16,13 +16,16 @@ run on them: a float32 array among float64 ones, an int16 ``out`` or a 2-D
 ``x`` is an error, never a read or write past an array's end.
 """
 
+import inspect
+
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import typeof, types
 from numba.extending import intrinsic, overload
 
-from ..errors import LoraDtypeError, LoraShapeError, LoraTypeError
+from ..errors import LoraDtypeError, LoraError, LoraShapeError, LoraTypeError
 
-__all__ = ["guarded", "fma", "fma_block4", "prefetch"]
+__all__ = ["guarded", "python_errors", "fma", "fma_block4", "prefetch"]
 
 #: Argument kinds: (what it must be, ndim, dtype rule, writable).
 #: dtype rule "float" means float32 or float64, one dtype shared by every
@@ -149,6 +152,75 @@ def guarded(kernel, params, impl):
 
     checked.__name__ = checked.__qualname__ = f"_checked_{kernel}"
     return checked
+
+
+def _untypeable(kernel, names, args):
+    """The LoraError for arguments Numba could not compile a kernel for (from Python)."""
+    for name, value in zip(names, args):
+        if isinstance(value, np.ndarray):
+            if value.dtype == np.float16:
+                return LoraDtypeError(f"kernels.{kernel}: {name} must be float32 or float64, got "
+                                      "float16 (Numba has no float16 arithmetic; convert with "
+                                      ".astype(np.float32), or use merge_f16 for float16 bits)")
+            if not value.dtype.isnative:
+                return LoraDtypeError(f"kernels.{kernel}: {name} must be in this machine's byte "
+                                      f"order, got {value.dtype.str} (convert with "
+                                      ".astype(dtype.newbyteorder('=')))")
+            if value.dtype.kind not in "biuf":
+                return LoraDtypeError(f"kernels.{kernel}: {name} must have a numeric dtype, got "
+                                      f"{value.dtype}")
+            continue
+        if isinstance(value, np.generic) and value.dtype.kind == "f" and \
+                value.dtype not in (np.float32, np.float64):
+            return LoraTypeError(f"kernels.{kernel}: {name} must be a float32 or float64 "
+                                 f"number, got {value.dtype}")
+        if isinstance(value, int) and not isinstance(value, bool) and \
+                not -2 ** 63 <= value < 2 ** 63:
+            return LoraTypeError(f"kernels.{kernel}: {name} must fit in int64, got {value}")
+        try:
+            typeof(value)
+        except (ValueError, TypeError):
+            return LoraTypeError(f"kernels.{kernel}: {name} must be a NumPy array or a real "
+                                 f"number, got {type(value).__name__}")
+        if not isinstance(value, (bool, int, float, np.generic)):
+            return LoraTypeError(f"kernels.{kernel}: {name} must be a NumPy array or a real "
+                                 f"number, got {type(value).__name__}")
+    return None
+
+
+def python_errors(dispatcher):
+    """Make calls from Python that Numba cannot compile raise a LoraError.
+
+    The guards (:func:`guarded`) see every argument type Numba can type.
+    What it cannot type (a dict, a Fraction, an object or big-endian array, an
+    int beyond int64) or cannot lower (float16) fails before any guard runs,
+    with a Numba error.  A Python call of a kernel compiles through the
+    dispatcher's ``_compile_for_args``; this wraps it (on this one dispatcher
+    object) so that such a failure becomes a :class:`~numba_lora.LoraError`
+    naming the kernel and the argument.  Nothing has run at that point, so no
+    array was touched.  Calls from ``@njit`` code are typed by Numba itself
+    and keep Numba's errors for such types.
+    """
+    kernel = dispatcher.__name__
+    names = tuple(inspect.signature(dispatcher.py_func).parameters)
+    compile_for_args = dispatcher._compile_for_args
+
+    def _compile_for_args(*args, **kws):
+        try:
+            return compile_for_args(*args, **kws)
+        except LoraError:
+            raise
+        except Exception as exc:  # Numba's TypingError, NotImplementedError, ...
+            found = _untypeable(kernel, names, args)
+            if found is None:
+                kinds = ", ".join(type(a).__name__ for a in args)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                found = LoraTypeError(f"kernels.{kernel}: cannot compile for arguments of types "
+                                      f"({kinds}): {first}")
+            raise found from exc
+
+    dispatcher._compile_for_args = _compile_for_args
+    return dispatcher
 
 
 @intrinsic
