@@ -660,3 +660,46 @@ def test_example_main_runs(tmp_path, capsys):
     assert example.main(["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "epoch   2" in out and (tmp_path / "a" / "adapter_config.json").exists()
+
+
+def test_pissa_adapter_converted_for_the_original_base(tmp_path):
+    """The docs' recipe: rank 2r, A' = [A; A0], B' = [B, -B0], alpha doubled, on the original W."""
+    optim()
+    d = load("grads_float64_plain.npz")
+    W, X, dY = d["W"], d["X"], d["dY"]
+    layer = numba_lora.LoraLinear(W, rank=4, alpha=8.0, init="pissa")
+    A0, B0 = layer.lora_a.copy(), layer.lora_b.copy()
+    np.testing.assert_allclose(layer.forward_batch(X), X @ W.T, rtol=0, atol=1e-12)
+    opt = optim().AdamW(layer, lr=1e-2)
+    for _ in range(3):
+        _, ctx = layer.forward_train(X)
+        layer.backward(dY, ctx, input_grad=False)
+        opt.step()
+        opt.zero_grad()
+    converted = LoraAdapter(numba_lora.LoraConfig(r=8, lora_alpha=16.0, target_modules=["proj"]))
+    out = converted.add_layer("proj", W)
+    out.lora_a = np.vstack([layer.lora_a, A0])
+    out.lora_b = np.hstack([layer.lora_b, -B0])
+    converted.save_peft(tmp_path)
+    loaded = LoraAdapter.from_peft(tmp_path, {"proj": W})
+    assert loaded["proj"].rank == 8 and loaded["proj"].scaling == layer.scaling
+    np.testing.assert_allclose(loaded.forward_batch_layer("proj", X), layer.forward_batch(X),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["plain", "rslora"])
+def test_pissa_init_equals_peft(key):
+    """init="pissa" against PEFT's init_lora_weights="pissa" (signs of singular vectors aside)."""
+    optim()
+    d = load("pissa_float32.npz")
+    layer = numba_lora.LoraLinear(d[f"{key}.W"], int(d["rank"]), float(d["alpha"]),
+                                  use_rslora=bool(d[f"{key}.use_rslora"]), init="pissa")
+    assert layer.scaling == pytest.approx(float(d[f"{key}.scaling"]), rel=1e-15)
+    A, B = layer.lora_a.astype(np.float64), layer.lora_b.astype(np.float64)
+    # Each singular pair may come with the opposite sign: A's row k and B's column k flip together.
+    signs = np.sign(np.sum(A * d[f"{key}.A"], axis=1))
+    # PEFT takes the SVD in float32, numba_lora in float64: singular vectors
+    # in float32 are good to about eps * |W| / (gap between singular values).
+    assert_scaled(A * signs[:, None], d[f"{key}.A"], 1e-4, "A")
+    assert_scaled(B * signs[None, :], d[f"{key}.B"], 1e-4, "B")
+    assert_scaled(layer.weight, d[f"{key}.W_res"], 1e-5, "residual W")
