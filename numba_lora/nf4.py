@@ -68,7 +68,6 @@ kernel does everywhere else), not that bug.
 """
 
 import json
-import math
 import numbers
 import operator
 from collections.abc import Mapping
@@ -264,10 +263,10 @@ class NF4Weight:
         return self
 
     def __setattr__(self, name, value):
-        raise AttributeError(f"NF4Weight is immutable (cannot set {name!r})")
+        raise LoraTypeError(f"NF4Weight is immutable (cannot set {name!r}); make a new one")
 
     def __delattr__(self, name):
-        raise AttributeError(f"NF4Weight is immutable (cannot delete {name!r})")
+        raise LoraTypeError(f"NF4Weight is immutable (cannot delete {name!r})")
 
     def __reduce__(self):
         return (_restore, (self._shape, self._blocksize, self._packed, self._absmax,
@@ -536,7 +535,7 @@ def _parse_quant_state(raw, where):
             raise _fmt(where, f"nested_dtype {state['nested_dtype']!r}; expected 'float32'")
         offset = state["nested_offset"]
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
-                or not math.isfinite(offset) or not np.isfinite(np.float32(offset)):
+                or not abs(offset) <= float(np.finfo(np.float32).max):
             raise _fmt(where, f"nested_offset {offset!r} is not a finite number")
     return state
 
@@ -658,10 +657,16 @@ def load_bnb_safetensors(path, prefix=""):
 def to_bnb_state_dict(q, prefix=""):
     """The tensors of a ``bitsandbytes.nn.Linear4bit`` state dict for ``q``, as NumPy arrays.
 
-    Saved with safetensors (``safetensors.numpy.save_file``), bitsandbytes
-    loads them into a ``Linear4bit(in_features, out_features, bias=False,
-    quant_type="nf4")`` with ``load_state_dict``; :func:`from_bnb_state_dict`
-    reads them back to an equal :class:`NF4Weight`.
+    The keys and layout a ``Linear4bit`` state dict has (``weight`` is
+    ``((n + 1) // 2, 1)`` uint8; the quant state is JSON in a uint8 tensor).
+    Saved with ``safetensors.numpy.save_file`` and read with
+    ``safetensors.torch.load_file``, bitsandbytes 0.50 takes them as it takes
+    its own files: ``Params4bit.from_prequantized(tensors["weight"],
+    {k[7:]: v for k, v in tensors.items() if k.startswith("weight.")},
+    device="cpu", module=layer)`` (what transformers does); its dequantized
+    weight is then this module's bit for bit (checked by hand with
+    bitsandbytes 0.50.2).  :func:`from_bnb_state_dict` reads them back to an
+    equal :class:`NF4Weight`.
 
     Parameters
     ----------
