@@ -7,7 +7,6 @@ shard names are plain file names inside the directory, tensors' byte ranges
 cover the data exactly (no overlap, no hole, no trailing bytes).
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,37 +92,14 @@ def _find_files(directory):
 
 
 def _read_shard(directory, name):
-    path = directory / name
-    file = SafetensorsFile(path)  # checks the header: JSON, dtypes, shapes, sizes, bounds
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len).decode("utf-8"))
-    tensors = []
-    for key in file.keys():
-        start, stop = header[key]["data_offsets"]
-        tensors.append(TensorInfo(key, file.dtype(key), tuple(file.shape(key)), start, stop))
+    # SafetensorsFile checks the header (JSON, dtypes, shapes, sizes) and
+    # that the tensors cover the data exactly: no overlap, no hole, nothing
+    # after the last one, as the format (and the safetensors library) wants.
+    file = SafetensorsFile(directory / name)
+    tensors = [TensorInfo(key, file.dtype(key), tuple(file.shape(key)), *file.data_offsets(key))
+               for key in file.keys()]
     tensors.sort(key=lambda t: (t.start, t.stop))
-    # The format (and the safetensors library) wants the data covered
-    # exactly: no overlap, no hole, nothing after the last tensor.
-    end = 0
-    previous = None
-    for info in tensors:
-        if info.start < end:
-            raise LoraFormatError(
-                f"{path}: tensors {previous.name!r} and {info.name!r} overlap "
-                f"(bytes {previous.start}-{previous.stop} and {info.start}-{info.stop})")
-        if info.start > end:
-            raise LoraFormatError(
-                f"{path}: tensor {info.name!r} starts at byte {info.start} of the data, leaving "
-                f"a hole after byte {end}: not a well-formed safetensors file")
-        end, previous = info.stop, info
-    data = size - 8 - header_len
-    if data != end:
-        raise LoraFormatError(
-            f"{path} has {data - end} bytes after its last tensor: not a well-formed "
-            "safetensors file")
-    return Shard(name, size, 8 + header_len, tuple(tensors))
+    return Shard(name, file.size, file.data_start, tuple(tensors))
 
 
 def read_checkpoint(base):

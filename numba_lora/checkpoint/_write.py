@@ -367,6 +367,9 @@ class Output:
         while not parent.exists():
             self._created.append(parent)
             parent = parent.parent
+        if not parent.is_dir():
+            raise LoraConfigError(
+                f"out {out}: {parent} exists and is not a directory; give a directory path")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
         try:

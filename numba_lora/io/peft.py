@@ -496,6 +496,10 @@ def save_peft(adapter, path):
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
+    if not parent.is_dir():
+        # mkdir would raise NotADirectoryError (or FileExistsError): say why.
+        raise LoraConfigError(
+            f"cannot save the adapter to {path}: {parent} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     tmp_weights = path / f".{WEIGHTS_NAME}.{token}.tmp"

@@ -113,6 +113,7 @@ class SafetensorsFile:
                               "truncated, or not a safetensors file") from None
         if not isinstance(header, dict):
             raise self._error(f"has a header that is a JSON {type(header).__name__}, not an object")
+        self._size = size
         self._data_start = 8 + header_len
         self._data_len = size - self._data_start
         self._entries = {}
@@ -120,6 +121,30 @@ class SafetensorsFile:
             if key == _METADATA:
                 continue
             self._entries[key] = self._check_entry(key, info)
+        self._check_coverage()
+
+    def _check_coverage(self):
+        # The format wants the data covered exactly, as the safetensors
+        # library checks: tensors in offset order, each starting where the
+        # last ended (no overlap: no tensor read from another's bytes; no
+        # hole), and nothing after the last (no polyglot file).  Empty
+        # tensors take no bytes and may sit at any boundary.
+        end, previous = 0, None
+        for key, (_, _, start, stop) in sorted(self._entries.items(),
+                                               key=lambda item: item[1][2:]):
+            if start < end:
+                raise self._error(
+                    f"has data_offsets [{start}, {stop}], which overlap tensor {previous!r}'s "
+                    f"(ending at byte {end}): not a well-formed safetensors file", key)
+            if start > end:
+                raise self._error(
+                    f"starts at byte {start} of the data, leaving a hole after byte {end}: "
+                    "not a well-formed safetensors file", key)
+            end, previous = stop, key
+        if self._data_len != end:
+            raise self._error(
+                f"has {self._data_len - end} bytes after its last tensor: not a well-formed "
+                "safetensors file")
 
     def _error(self, message, key=None):
         where = f"{self.path}" if key is None else f"{self.path}: tensor {key!r}"
@@ -149,6 +174,20 @@ class SafetensorsFile:
                 f"has {stop - start} bytes of data, but dtype {dtype} and shape {tuple(shape)} "
                 f"need {math.prod(shape) * itemsize}", key)
         return dtype, tuple(shape), start, stop
+
+    @property
+    def size(self):
+        """int: The file's size in bytes, when its header was read."""
+        return self._size
+
+    @property
+    def data_start(self):
+        """int: Where the data begins in the file: 8 bytes of length, then the header."""
+        return self._data_start
+
+    def data_offsets(self, key):
+        """``(start, stop)`` of tensor ``key``'s bytes, relative to :attr:`data_start`."""
+        return self._entries[key][2:]
 
     def file_of(self, key):
         """The file that holds tensor ``key``: this one (as for a sharded checkpoint)."""

@@ -262,6 +262,8 @@ def test_out_must_be_new_or_empty_and_not_an_input(tmp_path, pair):
         checkpoint.merge(base, adapter, tmp_path / "full")
     with pytest.raises(LoraConfigError, match="not a directory"):
         checkpoint.merge(base, adapter, tmp_path / "full" / "x")
+    with pytest.raises(LoraConfigError, match="x exists and is not a directory"):
+        checkpoint.merge(base, adapter, tmp_path / "full" / "x" / "y" / "z")
     assert {p: p.read_bytes() for p in files} == files
     assert (tmp_path / "full" / "x").read_text() == "x"
     (tmp_path / "empty").mkdir()

@@ -145,3 +145,14 @@ def test_auto_peft_model_finds_the_base_named_by_save_peft(tmp_path, rng):
     y_peft = read_safetensors(tmp_path / "y.safetensors")["y"]
     y_ours = LoraAdapter.from_peft(adapter_dir, base).forward_batch_layer(names[2], X)
     np.testing.assert_allclose(y_ours, y_peft, rtol=1e-5, atol=1e-6)
+
+
+def test_save_under_a_regular_file_is_a_config_error(tmp_path):
+    adapter = LoraAdapter(LoraConfig(1, 1.0))
+    adapter.add_layer("q", np.ones((2, 2)))
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub", tmp_path / "file" / "a" / "b"):
+        with pytest.raises(LoraConfigError, match="exists and is not a directory"):
+            adapter.save_peft(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert (tmp_path / "file").read_text() == "x"

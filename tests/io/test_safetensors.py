@@ -119,6 +119,50 @@ def test_a_truncated_real_file(tmp_path):
             read_safetensors(path)
 
 
+F32x2 = {"dtype": "F32", "shape": [2]}
+EMPTY = {"dtype": "F32", "shape": [0, 3]}
+
+
+@pytest.mark.parametrize("header, data, match", [
+    # The format: "the byte buffer needs to be entirely indexed, and cannot
+    # contain holes"; the safetensors library refuses each of these too.
+    ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [0, 8]}}, 8,
+     "tensor '[ab]': has data_offsets \\[0, 8\\], which overlap tensor '[ab]'"),
+    ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [4, 12]}}, 12,
+     "tensor 'b': has data_offsets \\[4, 12\\], which overlap tensor 'a'"),
+    ({"a": {**F32x2, "data_offsets": [0, 8]}, "z": {**EMPTY, "data_offsets": [4, 4]}}, 8,
+     "tensor 'z': .* overlap tensor 'a'"),
+    ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [16, 24]}}, 24,
+     "tensor 'b': starts at byte 16 of the data, leaving a hole after byte 8"),
+    ({"a": {**F32x2, "data_offsets": [4, 12]}}, 12, "tensor 'a': starts at byte 4 .* hole"),
+    ({"a": {**F32x2, "data_offsets": [0, 8]}}, 12, "has 4 bytes after its last tensor"),
+    ({}, 3, "has 3 bytes after its last tensor"),
+])
+def test_data_must_be_covered_exactly(tmp_path, header, data, match):
+    path = raw_file(tmp_path / "bad.safetensors", header, bytes(data))
+    with pytest.raises(LoraFormatError, match=match) as info:
+        SafetensorsFile(path)
+    assert str(path) in str(info.value)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    with pytest.raises(SafetensorError):
+        load_file(str(path))
+
+
+def test_empty_tensors_take_no_bytes_at_any_boundary(tmp_path):
+    header = {"z0": {**EMPTY, "data_offsets": [0, 0]}, "a": {**F32x2, "data_offsets": [0, 8]},
+              "z1": {**EMPTY, "data_offsets": [8, 8]}, "z2": {**EMPTY, "data_offsets": [8, 8]},
+              "b": {**F32x2, "data_offsets": [8, 16]}}
+    path = raw_file(tmp_path / "ok.safetensors", header, np.arange(4, dtype="<f4").tobytes())
+    got = read_safetensors(path)
+    np.testing.assert_array_equal(got["b"], [2, 3])
+    assert got["z1"].shape == (0, 3)
+    file = SafetensorsFile(path)
+    assert file.data_offsets("b") == (8, 16) and file.size == path.stat().st_size
+    assert file.data_start == path.stat().st_size - 16
+
+
 @pytest.mark.parametrize("path", [5, None, ["a.safetensors"], b"a.safetensors"])
 def test_path_must_be_a_path(path):
     with pytest.raises(LoraTypeError, match="path must be a str or os.PathLike") as info:
