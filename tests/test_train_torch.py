@@ -132,7 +132,8 @@ def mlp_reference(data, factors, X=None):
 
 
 def factors_at(data, suffix):
-    return {f"{layer}.{ab}": data[f"{layer}.{ab}{suffix}"] for layer in ("fc1", "fc2") for ab in "AB"}
+    return {f"{layer}.{ab}": data[f"{layer}.{ab}{suffix}"]
+            for layer in ("fc1", "fc2") for ab in "AB"}
 
 
 # ------------------------------------------- the fixtures are what they say
@@ -181,7 +182,7 @@ def test_adamw_fixture_is_torch_single_tensor_order_bitwise(dtype_name):
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_adamw_wide_fixture_bitwise_but_float32_sqrt(dtype_name):
-    """SIMD loops: every bit in float64; in float32 a few parameters differ where torch's sqrt does."""
+    """SIMD loops: every bit in float64; in float32 a few parameters differ, as torch's sqrt."""
     cases = adamw_cases(dtype_name, "adamw_wide")
     assert str(cases[0][1]["cpu_capability"]) == "AVX512"
 
@@ -263,7 +264,8 @@ def test_mlp_fixture_matches_float64_reference(name):
 def mlp_forward_with_adapter(adapter, d, X):
     """The MLP's forward through numba_lora's layers (biases added here, as PEFT's base layers)."""
     Hd = np.maximum(adapter.forward_batch_layer("fc1", X) + d["fc1_bias"], 0)
-    return adapter.forward_batch_layer("fc2", np.ascontiguousarray(Hd, dtype=X.dtype)) + d["fc2_bias"]
+    Hd = np.ascontiguousarray(Hd, dtype=X.dtype)
+    return adapter.forward_batch_layer("fc2", Hd) + d["fc2_bias"]
 
 
 def test_peft_trained_adapter_loads_and_reproduces_peft_output():
