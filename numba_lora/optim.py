@@ -434,9 +434,10 @@ def clip_grad_norm(params, max_norm: float, *, error_if_nonfinite: bool = False)
     if not grads:
         return 0.0
     squares = 0.0
-    for _, grad in grads:
-        flat = grad.reshape(-1).astype(np.float64)
-        squares += float(flat @ flat)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _, grad in grads:
+            flat = grad.reshape(-1).astype(np.float64)
+            squares += float(flat @ flat)
     total = math.sqrt(squares)
     if not math.isfinite(total) and error_if_nonfinite:
         raise LoraNonFiniteError(
