@@ -460,7 +460,7 @@ class QLoraLinear:
             return self.forward(x, out=out)
         flat_out = None if out is None else out.reshape(-1, self.out_features)
         result = self.forward_batch(x.reshape(-1, self.in_features), out=flat_out)
-        return result.reshape(lead + (self.out_features,))
+        return out if out is not None else result.reshape(lead + (self.out_features,))
 
     # ------------------------------------------------------------- utilities
     def copy(self) -> QLoraLinear:
