@@ -72,6 +72,9 @@ FAST_PATH = "avx512-vpermps" if HAVE_AVX512 else "portable"
 #: Bytes of float32 scratch per dequantized tile of W in the batched kernels
 #: (a few tiles' worth stays in L2 and L3 while sgemm reads them).
 TILE_BYTES = 1 << 20
+#: Batches up to this many rows: each thread dequantizes one row of W at a
+#: time and multiplies it in Numba; larger ones: tiles and BLAS.
+SMALL_BATCH = 16
 #: Rows of W per task of the one-vector kernels' parallel loop.
 ROW_CHUNK = 16
 #: Double-quant: blocks of absmax per nested absmax (bitsandbytes' fixed 256).
@@ -290,6 +293,30 @@ def _dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax):
 
 
 @njit(**JIT_OPTIONS)
+def _low_rank(B, i, t, s_):
+    """``s_ * (B[i] . t)`` in float32; 0 when t is empty (no low-rank term)."""
+    acc = np.float32(0)
+    for k in range(t.shape[0]):
+        acc += B[i, k] * t[k]
+    return s_ * acc
+
+
+@njit(**JIT_OPTIONS)
+def _down(A, X, scaling):
+    """(T, s): ``T = X @ A.T`` in float32 (X 2-D) and scaling as float32; T has no columns
+    when the low-rank term is skipped.  Serial: it is rank / out_features of the work."""
+    rank = A.shape[0] if scaling != 0 else 0
+    T = np.zeros((X.shape[0], rank), dtype=np.float32)
+    for b in range(X.shape[0]):
+        for k in range(rank):
+            acc = np.float32(0)
+            for j in range(X.shape[1]):
+                acc += A[k, j] * X[b, j]
+            T[b, k] = acc
+    return T, np.float32(scaling)
+
+
+@njit(**JIT_OPTIONS)
 def _check_storage(n_packed, n_absmax, code, blocksize, out_features, in_features):
     if blocksize < 32 or blocksize > 4096 or (blocksize & (blocksize - 1)) != 0:
         raise LoraShapeError("blocksize must be a power of two from 32 to 4096")
@@ -393,18 +420,19 @@ def _build(tag, dot_groups, deq_groups):
     row_dot = njit(**JIT_OPTIONS)(named(row_dot, "row_dot"))
     row_deq = njit(**JIT_OPTIONS)(named(row_deq, "row_deq"))
 
-    def gemv_rows(packed, absmax, code, blocksize, x, out):
-        """out = deq(W) @ x, rows spread over Numba's threads."""
+    def gemv_rows(packed, absmax, code, blocksize, x, B, t, s_, out):
+        """out = deq(W) @ x + s_ * B @ t, rows spread over Numba's threads (t may be empty)."""
         out_features = out.shape[0]
         in_features = x.shape[0]
         for c in prange((out_features + ROW_CHUNK - 1) // ROW_CHUNK):
             acc = np.empty(16, dtype=np.float32)
             for i in range(c * ROW_CHUNK, min(out_features, (c + 1) * ROW_CHUNK)):
                 s = i * in_features
-                out[i] = row_dot(packed, absmax, 0, code, blocksize, x, s, s + in_features, acc)
+                out[i] = row_dot(packed, absmax, 0, code, blocksize, x, s, s + in_features,
+                                 acc) + _low_rank(B, i, t, s_)
 
     def gemv_rows_dq(packed, absmax_q, nested_absmax, nested_code, offset, code, blocksize, x,
-                     out):
+                     B, t, s_, out):
         """gemv_rows with each task's absmax decoded into task-sized scratch."""
         out_features = out.shape[0]
         in_features = x.shape[0]
@@ -418,20 +446,90 @@ def _build(tag, dot_groups, deq_groups):
             _dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax)
             for i in range(r0, r1):
                 s = i * in_features
-                out[i] = row_dot(packed, absmax, b0, code, blocksize, x, s, s + in_features, acc)
+                out[i] = row_dot(packed, absmax, b0, code, blocksize, x, s, s + in_features,
+                                 acc) + _low_rank(B, i, t, s_)
 
     def dequantize_tile(packed, absmax, abase, code, blocksize, r0, tile):
-        """tile[r] = row r0 + r of deq(W), rows spread over Numba's threads."""
+        """tile[r] = row r0 + r of deq(W), on the calling thread.
+
+        Serial on purpose: the tile then goes to BLAS's threads, and Numba's
+        and BLAS's threads taking turns on the same cores spin against each
+        other (measured: 50-180x slower under load).
+        """
         in_features = tile.shape[1]
-        for r in prange(tile.shape[0]):
+        for r in range(tile.shape[0]):
             s = (r0 + r) * in_features
             row_deq(packed, absmax, abase, code, blocksize, s, s + in_features, tile[r])
 
+    def rows_small(packed, absmax, abase, code, blocksize, X, B, T, s_, out, r0, r1, wrow):
+        """out[:, r] = X @ deq(W)[r] for r0 <= r < r1, one row of W dequantized at a time.
+
+        ``wrow`` is (in_features,) scratch (it stays in L1); four rows of X
+        share each load of it.  Each sum is one float32 chain per lane.
+        """
+        batch, in_features = X.shape
+        for r in range(r0, r1):
+            s = r * in_features
+            row_deq(packed, absmax, abase, code, blocksize, s, s + in_features, wrow)
+            b = 0
+            while b + 4 <= batch:
+                x0, x1, x2, x3 = X[b], X[b + 1], X[b + 2], X[b + 3]
+                a0 = np.float32(0)
+                a1 = np.float32(0)
+                a2 = np.float32(0)
+                a3 = np.float32(0)
+                for k in range(in_features):
+                    w = wrow[k]
+                    a0 += w * x0[k]
+                    a1 += w * x1[k]
+                    a2 += w * x2[k]
+                    a3 += w * x3[k]
+                out[b, r] = a0 + _low_rank(B, r, T[b], s_)
+                out[b + 1, r] = a1 + _low_rank(B, r, T[b + 1], s_)
+                out[b + 2, r] = a2 + _low_rank(B, r, T[b + 2], s_)
+                out[b + 3, r] = a3 + _low_rank(B, r, T[b + 3], s_)
+                b += 4
+            while b < batch:
+                xb = X[b]
+                a0 = np.float32(0)
+                for k in range(in_features):
+                    a0 += wrow[k] * xb[k]
+                out[b, r] = a0 + _low_rank(B, r, T[b], s_)
+                b += 1
+
+    row_deq_tile = njit(**JIT_OPTIONS)(named(dequantize_tile, "dequantize_tile"))
+    rows_small = njit(**JIT_OPTIONS)(named(rows_small, "rows_small"))
+
+    def batch_small(packed, absmax, code, blocksize, X, B, T, s_, out):
+        """out = X @ deq(W).T for few rows of X, rows of W spread over Numba's threads."""
+        out_features = out.shape[1]
+        for c in prange((out_features + ROW_CHUNK - 1) // ROW_CHUNK):
+            wrow = np.empty(X.shape[1], dtype=np.float32)
+            r0 = c * ROW_CHUNK
+            rows_small(packed, absmax, 0, code, blocksize, X, B, T, s_, out, r0,
+                       min(out_features, r0 + ROW_CHUNK), wrow)
+
+    def batch_small_dq(packed, absmax_q, nested_absmax, nested_code, offset, code, blocksize,
+                       X, B, T, s_, out):
+        """batch_small with each task's absmax decoded into task-sized scratch."""
+        out_features = out.shape[1]
+        in_features = X.shape[1]
+        for c in prange((out_features + ROW_CHUNK - 1) // ROW_CHUNK):
+            wrow = np.empty(in_features, dtype=np.float32)
+            r0 = c * ROW_CHUNK
+            r1 = min(out_features, r0 + ROW_CHUNK)
+            b0 = (r0 * in_features) // blocksize
+            b1 = (r1 * in_features + blocksize - 1) // blocksize
+            absmax = np.empty(b1 - b0, dtype=np.float32)
+            _dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax)
+            rows_small(packed, absmax, b0, code, blocksize, X, B, T, s_, out, r0, r1, wrow)
+
     gemv_rows = njit(parallel=True, **JIT_OPTIONS)(named(gemv_rows, "gemv_rows"))
     gemv_rows_dq = njit(parallel=True, **JIT_OPTIONS)(named(gemv_rows_dq, "gemv_rows_dq"))
-    dequantize_tile = njit(parallel=True, **JIT_OPTIONS)(
-        named(dequantize_tile, "dequantize_tile"))
-    return row_dot, row_deq, gemv_rows, gemv_rows_dq, dequantize_tile
+    batch_small = njit(parallel=True, **JIT_OPTIONS)(named(batch_small, "batch_small"))
+    batch_small_dq = njit(parallel=True, **JIT_OPTIONS)(named(batch_small_dq, "batch_small_dq"))
+    return (row_dot, row_deq, gemv_rows, gemv_rows_dq, row_deq_tile, batch_small,
+            batch_small_dq)
 
 
 _PORTABLE = _build("portable", _nf4_dot_portable, _nf4_deq_portable)
@@ -512,7 +610,7 @@ _tile_rows = njit(**JIT_OPTIONS)(_tile_rows)
 
 def _make_drivers(paths, tag):
     """The unguarded bodies of the four public kernels over one path."""
-    _, _, gemv_rows, gemv_rows_dq, dequantize_tile = paths
+    _, _, gemv_rows, gemv_rows_dq, dequantize_tile, batch_small, batch_small_dq = paths
 
     def named(function, name):
         function.__name__ = function.__qualname__ = f"_{name}_{tag}"
@@ -524,7 +622,9 @@ def _make_drivers(paths, tag):
             if x.shape[0] == 0:
                 out[:] = 0
             else:
-                gemv_rows(packed, absmax, code, blocksize, x, out)
+                T, s_ = _down(A, x.reshape((1, x.shape[0])), scaling)
+                gemv_rows(packed, absmax, code, blocksize, x, B, T[0], s_, out)
+                return out
         _lora_vector(A, B, scaling, x, out)
         return out
 
@@ -536,8 +636,10 @@ def _make_drivers(paths, tag):
             if x.shape[0] == 0:
                 out[:] = 0
             else:
+                T, s_ = _down(A, x.reshape((1, x.shape[0])), scaling)
                 gemv_rows_dq(packed, absmax_q, nested_absmax, nested_code, offset, _NF4,
-                             blocksize, x, out)
+                             blocksize, x, B, T[0], s_, out)
+                return out
         _lora_vector(A, B, scaling, x, out)
         return out
 
@@ -555,6 +657,10 @@ def _make_drivers(paths, tag):
             return out
         if in_features == 0:
             out[:] = 0
+        elif batch <= SMALL_BATCH:
+            T, s_ = _down(A, X, scaling)
+            batch_small(packed, absmax, code, blocksize, X, B, T, s_, out)
+            return out
         else:
             rows = _tile_rows(out_features, in_features)
             tile = np.empty((rows, in_features), dtype=np.float32)
@@ -574,6 +680,11 @@ def _make_drivers(paths, tag):
             return out
         if in_features == 0:
             out[:] = 0
+        elif batch <= SMALL_BATCH:
+            T, s_ = _down(A, X, scaling)
+            batch_small_dq(packed, absmax_q, nested_absmax, nested_code, offset, _NF4, blocksize,
+                           X, B, T, s_, out)
+            return out
         else:
             rows = _tile_rows(out_features, in_features)
             tile = np.empty((rows, in_features), dtype=np.float32)
