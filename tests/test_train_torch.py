@@ -233,7 +233,7 @@ def test_clip_fixture_matches_float64_reference(dtype_name):
 
 
 @pytest.mark.parametrize("name", ["mlp_default_float32", "mlp_default_float64",
-                                  "mlp_nonzero_b_float32"])
+                                  "mlp_nonzero_b_float32", "mlp_loraplus_clip_float32"])
 def test_mlp_fixture_matches_float64_reference(name):
     d = load(f"{name}.npz")
     rtol = 1e-5 if name.endswith("float32") else 1e-10
@@ -511,10 +511,22 @@ def mlp_adapter(d, config=None):
     return adapter
 
 
-def train_mlp_with_api(adapter, d, steps):
-    """PEFT's run through the public training API: the loss before each step."""
+def fixture_adamw(d, adapter):
+    """numba_lora's AdamW with the fixture run's settings (LoRA+ ratio included)."""
+    opt = json.loads(str(d["optimizer"]))
+    return optim().AdamW(adapter, lr=float(d["lr"]), betas=tuple(opt["betas"]), eps=opt["eps"],
+                         weight_decay=opt["weight_decay"], lr_b_ratio=float(d["lr_b_ratio"]))
+
+
+def train_mlp_with_api(adapter, d, steps, norms=None):
+    """PEFT's run through the public training API: the loss before each step.
+
+    With a finite ``max_norm`` in the fixture, the gradients are clipped
+    before each step and the total norms appended to ``norms``.
+    """
     o = optim()
-    opt = o.AdamW(adapter, lr=float(d["lr"]))
+    opt = fixture_adamw(d, adapter)
+    max_norm = float(d["max_norm"])
     fc1, fc2 = adapter["fc1"], adapter["fc2"]
     X, T = d["X"], d["T"]
     losses = []
@@ -528,20 +540,32 @@ def train_mlp_with_api(adapter, d, steps):
         losses.append(float(np.mean(diff * diff)))
         dHd = fc2.backward(diff * X.dtype.type(2.0 / diff.size), ctx2)
         fc1.backward(dHd * (Z > 0), ctx1, input_grad=False)
+        if np.isfinite(max_norm):
+            total = o.clip_grad_norm(adapter, max_norm)
+            if norms is not None:
+                norms.append(total)
         opt.step()
         opt.zero_grad()
     return np.array(losses), opt
 
 
 @pytest.mark.parametrize("name", ["mlp_default_float32", "mlp_default_float64",
-                                  "mlp_nonzero_b_float32"])
+                                  "mlp_nonzero_b_float32", "mlp_loraplus_clip_float32"])
 def test_api_training_run_equals_peft(name):
-    """LoraAdapter + AdamW + forward_train/backward: PEFT's loss curve and final factors."""
+    """LoraAdapter + AdamW + forward_train/backward: PEFT's loss curve and final factors.
+
+    ``mlp_loraplus_clip``: B in a param group at 16 times A's lr (LoRA+),
+    other betas and weight decay, and clip_grad_norm_ before every step.
+    """
     d = load(f"{name}.npz")
     adapter = mlp_adapter(d)
-    losses, _ = train_mlp_with_api(adapter, d, int(d["steps"]))
+    norms = []
+    losses, _ = train_mlp_with_api(adapter, d, int(d["steps"]), norms)
     rtol = 1e-4 if name.endswith("float32") else 1e-10
     np.testing.assert_allclose(losses, d["loss"], rtol=rtol, atol=0)
+    if "total_norm" in d:
+        np.testing.assert_allclose(norms, d["total_norm"], rtol=rtol)
+        assert (d["total_norm"] > d["max_norm"]).sum() >= 10   # most steps were clipped
     for layer in ("fc1", "fc2"):
         assert_scaled(adapter[layer].lora_a, d[f"{layer}.A"], 10 * rtol, f"{layer}.A")
         assert_scaled(adapter[layer].lora_b, d[f"{layer}.B"], 10 * rtol, f"{layer}.B")
@@ -581,7 +605,7 @@ def test_training_resumes_from_state_dict_like_one_run():
     first = mlp_adapter(d)
     losses_a, opt = train_mlp_with_api(first, d, 10)
     state = opt.state_dict()
-    resumed_opt = optim().AdamW(first, lr=float(d["lr"]))
+    resumed_opt = fixture_adamw(d, first)
     resumed_opt.load_state_dict(state)
     # train_mlp_with_api makes its own optimizer; run the last ten steps here instead.
     fc1, fc2 = first["fc1"], first["fc2"]
