@@ -99,20 +99,11 @@ def _block_absmax_bits(bits, start, stop):
     return m
 
 
-@njit(parallel=True, **EXACT_OPTIONS)
-def _absmax_pass(bits, blocksize, scratch):
-    """scratch[b] = absmax bits of block b; returns the number of blocks holding inf or NaN."""
-    n = bits.shape[0]
-    nblocks = scratch.shape[0]
-    bad = 0
-    for b in prange(nblocks):
-        start = b * blocksize
-        stop = min(start + blocksize, n)
-        m = _block_absmax_bits(bits, start, stop)
-        scratch[b] = m
-        if m >= np.uint32(_INF_BITS):
-            bad += 1
-    return bad
+@njit(**EXACT_OPTIONS)
+def _bits_to_float(bits):
+    one = np.empty(1, dtype=np.uint32)
+    one[0] = bits
+    return one.view(np.float32)[0]
 
 
 @njit(**EXACT_OPTIONS)
@@ -149,22 +140,34 @@ def _quantize_block(W, start, stop, full, absmax_b, bounds, pad, q, packed):
 
 
 @njit(parallel=True, **EXACT_OPTIONS)
-def _codes_pass(W, blocksize, scratch, bounds, pad, packed, absmax):
+def _quantize_pass(W, bits, blocksize, bounds, pad, packed, absmax):
+    """One pass over W: per block its absmax (from the bits, L1-resident), then its codes.
+
+    Returns the number of blocks holding inf or NaN (their codes are
+    meaningless, but in range); the caller writes into scratch and copies
+    out only when that is 0.
+    """
     n = W.shape[0]
     nblocks = absmax.shape[0]
     per_task = max(1, _CODES_PER_TASK // blocksize)
     tasks = (nblocks + per_task - 1) // per_task
+    bad = 0
     for t in prange(tasks):
         q = np.empty(blocksize + 1, dtype=np.uint8)
         for b in range(t * per_task, min(nblocks, (t + 1) * per_task)):
             start = b * blocksize
             stop = min(start + blocksize, n)
             full = stop - start == blocksize
-            m = scratch[b]
+            mbits = _block_absmax_bits(bits, start, stop)
+            if mbits >= np.uint32(_INF_BITS):
+                bad += 1
+                mbits = np.uint32(0)
+            m = _bits_to_float(mbits)
             # bitsandbytes stores a full block's absmax as it is and the partial
             # last block's clamped to float32(1e-38) (its division needs the clamp).
             absmax[b] = m if full else max(m, _TINY)
             _quantize_block(W, start, stop, full, m, bounds, pad, q, packed)
+    return bad
 
 
 @njit(**EXACT_OPTIONS)
@@ -194,14 +197,17 @@ def _quantize_nf4(W, code, blocksize, packed, absmax):
         raise LoraShapeError("absmax must have ceil(n / blocksize) elements")
     if not W.flags.c_contiguous:
         raise LoraShapeError("W must be contiguous")
-    scratch = np.empty(nblocks, dtype=np.float32)
-    if _absmax_pass(W.view(np.uint32), blocksize, scratch.view(np.uint32)) > 0:
+    bounds = _bounds(code)
+    pad = _nibble(np.float32(0), bounds)
+    # Into scratch first (an eighth of W's bytes), so that a refusal writes nothing.
+    packed_tmp = np.empty(packed.shape[0], dtype=np.uint8)
+    absmax_tmp = np.empty(nblocks, dtype=np.float32)
+    if _quantize_pass(W, W.view(np.uint32), blocksize, bounds, pad, packed_tmp, absmax_tmp) > 0:
         raise LoraNonFiniteError("W holds inf or NaN, which NF4 cannot store "
                                  "(bitsandbytes would store NaN for the whole block); "
                                  "packed and absmax are unchanged")
-    bounds = _bounds(code)
-    pad = _nibble(np.float32(0), bounds)
-    _codes_pass(W, blocksize, scratch, bounds, pad, packed, absmax)
+    packed[:] = packed_tmp
+    absmax[:] = absmax_tmp
     return packed
 
 
@@ -220,8 +226,8 @@ def quantize_nf4(W, code, blocksize, packed, absmax):
     1e-38))``, the partial one divided by ``max(absmax, 1e-38)``; clipped to
     [-1, 1]; the code is the number of midpoints ``(code[i] + code[i+1]) / 2``
     strictly below the value (a value on a midpoint takes the lower code).
-    W is read twice (absmax and finiteness first, then codes), so a refused
-    call writes nothing.
+    Codes go to scratch first and are copied out only when W is finite, so
+    a refused call writes nothing.
 
     Parameters
     ----------
