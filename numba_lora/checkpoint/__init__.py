@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import LoraTypeError
 from ._layout import Checkpoint, Shard, TensorInfo, read_checkpoint
-from ._plan import DTYPES, MergePlan, TensorMerge, plan_merge
+from ._plan import COMBINATIONS, DTYPES, FactorSource, MergePlan, TensorMerge, plan_merge
 from ._write import Output, run_shards, write_shard
 
 __all__ = [
@@ -36,11 +36,13 @@ __all__ = [
     "Output",
     "MergePlan",
     "TensorMerge",
+    "FactorSource",
     "Checkpoint",
     "Shard",
     "TensorInfo",
     "read_checkpoint",
     "DTYPES",
+    "COMBINATIONS",
 ]
 
 
@@ -115,7 +117,7 @@ class _Bar:
             self._bar.close()
 
 
-def merge(base, adapter, out, *, dtype="keep", progress=None):
+def merge(base, adapter, out, *, dtype="keep", weights=None, combination=None, progress=None):
     """Write ``base`` with ``adapter`` merged into it to the new directory ``out``.
 
     Parameters
@@ -124,17 +126,41 @@ def merge(base, adapter, out, *, dtype="keep", progress=None):
         A Hugging Face checkpoint directory: ``model.safetensors``, or shards
         and their ``*.safetensors.index.json``, plus config and tokenizer
         files.  Read one tensor at a time; never modified.
-    adapter : str or os.PathLike
+    adapter : str or os.PathLike, or list of them
         A PEFT LoRA adapter directory (``adapter_config.json`` and
         ``adapter_model.safetensors``).  Everything
         :meth:`numba_lora.LoraAdapter.from_peft` honours is honoured (rank
         and alpha patterns, rsLoRA, ``fan_in_fan_out``) and everything it
-        refuses is refused.
+        refuses is refused.  A list of adapter directories is a weighted
+        merge (``weights`` needed): the adapters are combined as PEFT's
+        ``add_weighted_adapter(adapters, weights, name, combination_type)``
+        combines them, and the combination is merged.
     out : str or os.PathLike
         A new or empty directory, not the base's or the adapter's.
     dtype : {"keep"}
         Every tensor keeps its stored dtype (float16, bfloat16, float32,
         float64 for the adapted ones).
+    weights : list of float, optional
+        With a list of adapters: one weight per adapter (any sign).
+    combination : {"cat", "linear"}, optional
+        With a list of adapters (default ``"cat"``), PEFT's
+        ``combination_type``:
+
+        - ``"cat"``: exact; the combined adapter stacks the adapters'
+          factors, each ``A`` times its weight and its own scaling, so its
+          delta is the weighted sum of the adapters' deltas (rank: the sum of
+          the ranks);
+        - ``"linear"``: the adapters' ``A`` summed with weights
+          ``sign * sqrt(|weight * scaling|)``, their ``B`` with
+          ``sqrt(|weight * scaling|)``; needs one rank, and is only an
+          approximation of the weighted sum of deltas (PEFT's words: "very
+          rough").
+
+        As in PEFT, one adapter in a list is always combined linearly, and
+        the combined adapter has ``lora_alpha = r``, so scaling 1, unless the
+        first adapter uses rsLoRA: then its scaling is ``sqrt(r)`` (PEFT
+        copies ``use_rslora`` from the first adapter's config).  The other
+        types (SVD, TIES, DARE, magnitude pruning) are not offered.
     progress : bool or None
         A tqdm progress bar over bytes on stderr; ``None`` (default): only
         when stderr is a terminal and tqdm is installed.
@@ -155,9 +181,11 @@ def merge(base, adapter, out, *, dtype="keep", progress=None):
         An adapter feature numba_lora does not implement (DoRA, ...).
     LoraConfigError
         ``out`` is the base's or adapter's directory, or not empty; a bad
-        ``dtype``.
+        ``dtype``, ``combination`` or weight count; adapters of different
+        ranks for ``"linear"``; weights without a list of adapters.
     LoraTypeError
-        A path that is not a str or os.PathLike.
+        A path that is not a str or os.PathLike; a weight that is not a real
+        number.
     OSError
         The file system refused (permissions, disk full).
 
@@ -169,7 +197,7 @@ def merge(base, adapter, out, *, dtype="keep", progress=None):
     """
     start = time.perf_counter()
     _Bar.check(progress)
-    plan = plan_merge(base, adapter, dtype=dtype)
+    plan = plan_merge(base, adapter, dtype=dtype, weights=weights, combination=combination)
     output = Output(plan, out)
     bar = _Bar(progress, plan.checkpoint.total_bytes)
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LoraConfigError, LoraFormatError, LoraKeyError
+from ..errors import LoraConfigError, LoraFormatError, LoraKeyError, LoraTypeError
 # The adapter reader of io.peft, so that a merged checkpoint honours and
 # refuses exactly what LoraAdapter.from_peft does (one list of refusals).
 from ..io.peft import (
@@ -25,29 +25,67 @@ from ..io.peft import (
 from ..io.safetensors import SafetensorsFile, as_path
 from ._layout import FLOAT_DTYPES, read_checkpoint
 
-__all__ = ["MergePlan", "TensorMerge", "plan_merge", "DTYPES"]
+__all__ = ["MergePlan", "TensorMerge", "FactorSource", "plan_merge", "DTYPES", "COMBINATIONS"]
 
 #: Accepted values of ``dtype``.
 DTYPES = ("keep",)
 
+#: Accepted values of ``combination`` (PEFT's ``add_weighted_adapter`` types that are exact
+#: functions of the factors: no SVD, no pruning, no randomness).
+COMBINATIONS = ("cat", "linear")
+
 
 @dataclass(frozen=True)
-class TensorMerge:
-    """One base tensor to update: ``W += scaling * B @ A`` (transposed for fan_in_fan_out)."""
+class FactorSource:
+    """One adapter's factors of one module: where they are, and how they are weighed.
 
-    tensor: str
-    shard: str
-    module: str
+    ``scaling`` is the adapter's own (``lora_alpha / r``, or ``/ sqrt(r)``
+    with rsLoRA, after the patterns); ``weight`` the caller's weight for
+    this adapter in a weighted merge (1.0 in a plain one).
+    """
+
+    adapter_file: object
     a_key: str
     b_key: str
     rank: int
     scaling: float
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TensorMerge:
+    """One base tensor to update: ``W += scaling * B @ A`` (transposed for fan_in_fan_out).
+
+    In a plain merge ``sources`` holds one adapter's factors and ``A``, ``B``
+    are its own.  In a weighted merge (``combination`` ``"cat"`` or
+    ``"linear"``) the factors of every adapter that adapts the tensor are
+    combined first, as PEFT's ``add_weighted_adapter`` combines them; ``rank``
+    and ``scaling`` are then the combined adapter's.
+    """
+
+    tensor: str
+    shard: str
+    module: str
+    sources: tuple  # of FactorSource
+    rank: int
+    scaling: float
     fan_in_fan_out: bool
+    combination: str = "none"
+
+    @property
+    def a_key(self):
+        """str: The lora_A key of the first (in a plain merge, the only) adapter."""
+        return self.sources[0].a_key
+
+    @property
+    def b_key(self):
+        """str: The lora_B key of the first (in a plain merge, the only) adapter."""
+        return self.sources[0].b_key
 
 
 @dataclass(frozen=True)
 class MergePlan:
-    """A checked merge: the base checkpoint's layout, the adapter file, the tensors to update.
+    """A checked merge: the base checkpoint's layout, the adapter files, the tensors to update.
 
     Built by :func:`plan_merge` from headers alone; small, and it pickles
     (a Dask task gets it whole).
@@ -57,18 +95,27 @@ class MergePlan:
     checkpoint : Checkpoint
         The base: directory, index name, shards with their tensors' byte
         ranges, the other files to copy.
-    adapter_file : pathlib.Path
-        ``adapter_model.safetensors``; factors are read from it per tensor.
+    adapter_files : tuple of pathlib.Path
+        ``adapter_model.safetensors`` of each adapter; factors are read from
+        them per tensor.
     merges : tuple of TensorMerge
-        One per adapted tensor, in the adapter file's order.
+        One per adapted tensor.
     dtype : str
         ``"keep"``.
+    combination : str
+        ``"none"`` (one adapter, merged as it is), ``"cat"`` or ``"linear"``.
     """
 
     checkpoint: object
-    adapter_file: object
+    adapter_files: tuple
     merges: tuple
     dtype: str
+    combination: str = "none"
+
+    @property
+    def adapter_file(self):
+        """pathlib.Path: The first (in a plain merge, the only) adapter's weights file."""
+        return self.adapter_files[0]
 
     @property
     def shards(self):
@@ -91,28 +138,22 @@ def _candidates(module):
     return [module, other]
 
 
-def _scaling(config, module, rank, adapter_file):
-    alpha = config.alpha_for(module)
-    value = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+def _finite_scaling(value, where):
     with np.errstate(over="ignore"):
         if not np.isfinite(np.float32(value)):
             raise LoraConfigError(
-                f"{adapter_file}: module {module!r}: scaling {value!r} is not finite in "
-                "float32; lower lora_alpha")
+                f"{where}: scaling {value!r} is not finite in float32; lower lora_alpha")
     return value
 
 
-def plan_merge(base, adapter, *, dtype="keep"):
-    """Check an adapter against a checkpoint and return the :class:`MergePlan`.
+def _scaling(config, module, rank, adapter_file):
+    alpha = config.alpha_for(module)
+    value = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+    return _finite_scaling(value, f"{adapter_file}: module {module!r}")
 
-    Reads the checkpoint's index and shard headers and the adapter's config
-    and header; no tensor data.  Parameters as for
-    :func:`numba_lora.checkpoint.merge`.
-    """
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise LoraConfigError(
-            f"dtype must be 'keep' (each tensor keeps its stored dtype), got {dtype!r}")
-    checkpoint = read_checkpoint(base)
+
+def _read_adapter(adapter):
+    """(config, weights file, {module: (a_key, b_key, a_shape, b_shape, rank)}) of one adapter."""
     adapter_dir = as_path(adapter, "adapter")
     if not adapter_dir.is_dir():
         raise LoraFormatError(f"adapter {adapter_dir} is not a directory")
@@ -124,12 +165,7 @@ def plan_merge(base, adapter, *, dtype="keep"):
     modules = adapter_modules(weights)
     if not modules:
         raise LoraFormatError(f"{adapter_file} holds no LoRA tensors")
-
-    lookup = {}
-    for name in checkpoint.where:
-        lookup.setdefault(_normalise(name), []).append(name)
-    claimed = {}
-    merges = []
+    entries = {}
     for module, keys in modules.items():
         a_key, b_key = keys["A"], keys["B"]
         for key in (a_key, b_key):
@@ -144,39 +180,159 @@ def plan_merge(base, adapter, *, dtype="keep"):
             raise LoraFormatError(
                 f"{adapter_file}: tensor {a_key!r} has rank {rank}, but {CONFIG_NAME} gives "
                 f"module {module!r} rank {config.rank_for(module)} (r or rank_pattern)")
-        candidates = _candidates(module)
-        hits = [key for c in candidates for key in lookup.get(c, ())]
-        if not hits:
-            raise LoraKeyError(
-                f"{adapter_file}: no tensor in {checkpoint.directory} for adapter module "
-                f"{module!r} (looked for " + ", ".join(repr(c) for c in candidates)
-                + ", with or without a '.weight' suffix)")
-        if len(hits) > 1:
-            raise LoraFormatError(
-                f"{checkpoint.directory} holds {len(hits)} tensors for adapter module "
-                f"{module!r}: " + " and ".join(repr(k) for k in hits) + "; keep one")
-        tensor = hits[0]
-        if tensor in claimed:
-            raise LoraFormatError(
-                f"{adapter_file}: modules {claimed[tensor]!r} and {module!r} both adapt "
-                f"tensor {tensor!r}")
-        claimed[tensor] = module
-        shard = checkpoint.where[tensor]
-        info = next(s for s in checkpoint.shards if s.name == shard).tensor(tensor)
-        where = f"{checkpoint.directory / shard}: tensor {tensor!r}"
-        if info.dtype not in FLOAT_DTYPES:
-            raise LoraFormatError(
-                f"{where} has dtype {info.dtype}; a merged weight must be "
-                f"{', '.join(FLOAT_DTYPES)}")
-        expected = ((a_shape[1], b_shape[0]) if config.fan_in_fan_out
-                    else (b_shape[0], a_shape[1]))
-        if info.shape != expected:
-            layout = ("(in_features, out_features), fan_in_fan_out" if config.fan_in_fan_out
-                      else "(out_features, in_features)")
-            raise LoraFormatError(
-                f"{where} has shape {info.shape}, but {a_key!r} {a_shape} and {b_key!r} "
-                f"{b_shape} need {expected} {layout}")
-        merges.append(TensorMerge(tensor, shard, module, a_key, b_key, rank,
-                                  _scaling(config, module, rank, adapter_file),
-                                  config.fan_in_fan_out))
-    return MergePlan(checkpoint, adapter_file, tuple(merges), dtype)
+        entries[module] = (a_key, b_key, a_shape, b_shape, rank)
+    return config, adapter_file, entries
+
+
+def _check_weighting(adapter, weights, combination):
+    """``(list of adapter paths, list of float weights, combination)``, checked."""
+    if isinstance(adapter, (list, tuple)):
+        adapters = list(adapter)
+        if not adapters:
+            raise LoraConfigError("adapter is an empty list; give one adapter directory or more")
+        if weights is None:
+            raise LoraConfigError(
+                f"a weighted merge of {len(adapters)} adapter(s) needs weights=[...], one "
+                "number per adapter")
+    else:
+        if weights is not None or combination is not None:
+            raise LoraConfigError(
+                "weights and combination are for a weighted merge: give adapter as a list of "
+                "adapter directories")
+        return [adapter], None, "none"
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise LoraTypeError(
+            f"weights must be a list of numbers, one per adapter, got {type(weights).__name__}")
+    weights = list(weights)
+    if len(weights) != len(adapters):
+        raise LoraConfigError(
+            f"weights has {len(weights)} number(s) for {len(adapters)} adapter(s); give one each")
+    checked = []
+    for i, w in enumerate(weights):
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, float, np.integer,
+                                                                   np.floating)):
+            raise LoraTypeError(f"weights[{i}] must be a real number, got {type(w).__name__} "
+                                f"{w!r}")
+        w = float(w)
+        if not math.isfinite(w):
+            raise LoraConfigError(f"weights[{i}] must be finite, got {w!r}")
+        checked.append(w)
+    if combination is None:
+        combination = "cat"
+    if not isinstance(combination, str) or combination not in COMBINATIONS:
+        raise LoraConfigError(
+            f"combination must be one of {', '.join(map(repr, COMBINATIONS))} (PEFT's "
+            f"add_weighted_adapter types that are exact), got {combination!r}")
+    if len(adapters) == 1:
+        combination = "linear"  # as PEFT: one adapter is always combined linearly
+    return adapters, checked, combination
+
+
+def plan_merge(base, adapter, *, dtype="keep", weights=None, combination=None):
+    """Check adapters against a checkpoint and return the :class:`MergePlan`.
+
+    Reads the checkpoint's index and shard headers and the adapters'
+    configs and headers; no tensor data.  Parameters as for
+    :func:`numba_lora.checkpoint.merge`.
+    """
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise LoraConfigError(
+            f"dtype must be 'keep' (each tensor keeps its stored dtype), got {dtype!r}")
+    adapters, weights, combination = _check_weighting(adapter, weights, combination)
+    checkpoint = read_checkpoint(base)
+    read = [_read_adapter(a) for a in adapters]
+    files = [adapter_file for _, adapter_file, _ in read]
+    if len(set(files)) != len(files):
+        raise LoraConfigError("the same adapter directory is given twice; give each once "
+                              "(its weight can be any number)")
+    configs = [config for config, _, _ in read]
+    fan_in_fan_out = configs[0].fan_in_fan_out
+    for config, adapter_file in zip(configs, files):
+        if config.fan_in_fan_out != fan_in_fan_out:
+            raise LoraConfigError(
+                f"{files[0].parent} and {adapter_file.parent} disagree on fan_in_fan_out; "
+                "adapters merged together must be for the same layout")
+
+    lookup = {}
+    for name in checkpoint.where:
+        lookup.setdefault(_normalise(name), []).append(name)
+    found = {}  # tensor -> [(adapter index, module, entry)], in first-seen order
+    for k, (_, adapter_file, entries) in enumerate(read):
+        claimed = {}
+        for module, entry in entries.items():
+            candidates = _candidates(module)
+            hits = [key for c in candidates for key in lookup.get(c, ())]
+            if not hits:
+                raise LoraKeyError(
+                    f"{adapter_file}: no tensor in {checkpoint.directory} for adapter module "
+                    f"{module!r} (looked for " + ", ".join(repr(c) for c in candidates)
+                    + ", with or without a '.weight' suffix)")
+            if len(hits) > 1:
+                raise LoraFormatError(
+                    f"{checkpoint.directory} holds {len(hits)} tensors for adapter module "
+                    f"{module!r}: " + " and ".join(repr(k) for k in hits) + "; keep one")
+            tensor = hits[0]
+            if tensor in claimed:
+                raise LoraFormatError(
+                    f"{adapter_file}: modules {claimed[tensor]!r} and {module!r} both adapt "
+                    f"tensor {tensor!r}")
+            claimed[tensor] = module
+            _, _, a_shape, b_shape, _ = entry
+            shard = checkpoint.where[tensor]
+            info = next(s for s in checkpoint.shards if s.name == shard).tensor(tensor)
+            where = f"{checkpoint.directory / shard}: tensor {tensor!r}"
+            if info.dtype not in FLOAT_DTYPES:
+                raise LoraFormatError(
+                    f"{where} has dtype {info.dtype}; a merged weight must be "
+                    f"{', '.join(FLOAT_DTYPES)}")
+            expected = ((a_shape[1], b_shape[0]) if fan_in_fan_out
+                        else (b_shape[0], a_shape[1]))
+            if info.shape != expected:
+                layout = ("(in_features, out_features), fan_in_fan_out" if fan_in_fan_out
+                          else "(out_features, in_features)")
+                raise LoraFormatError(
+                    f"{where} has shape {info.shape}, but {entry[0]!r} {a_shape} and "
+                    f"{entry[1]!r} {b_shape} of {adapter_file} need {expected} {layout}")
+            found.setdefault(tensor, []).append((k, module, entry))
+
+    if combination == "none":
+        merges = []
+        for tensor, [(_, module, (a_key, b_key, _, _, rank))] in found.items():
+            scaling = _scaling(configs[0], module, rank, files[0])
+            merges.append(TensorMerge(
+                tensor, checkpoint.where[tensor], module,
+                (FactorSource(files[0], a_key, b_key, rank, scaling),), rank, scaling,
+                fan_in_fan_out))
+        return MergePlan(checkpoint, tuple(files), tuple(merges), dtype)
+
+    # PEFT's add_weighted_adapter: the combined adapter has, for every module,
+    # rank new_rank and lora_alpha new_rank (patterns dropped), and the first
+    # adapter's other settings, use_rslora included: its scaling is 1, or
+    # sqrt(new_rank) when the first adapter uses rsLoRA.
+    ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
+    if combination == "linear":
+        if len(set(ranks)) != 1:
+            raise LoraConfigError(
+                "combination 'linear' needs adapters of one rank (r, and the largest "
+                f"rank_pattern entry), got {ranks}; use combination='cat'")
+        new_rank = ranks[0]
+    else:
+        new_rank = sum(ranks)
+    new_scaling = _finite_scaling(
+        new_rank / (math.sqrt(new_rank) if configs[0].use_rslora else new_rank),
+        "the combined adapter")
+    merges = []
+    for tensor, hits in found.items():
+        sources = []
+        for k, module, (a_key, b_key, _, _, rank) in hits:
+            sources.append(FactorSource(files[k], a_key, b_key, rank,
+                                        _scaling(configs[k], module, rank, files[k]),
+                                        weights[k]))
+        if combination == "linear" and len({src.rank for src in sources}) != 1:
+            raise LoraConfigError(
+                f"combination 'linear': tensor {tensor!r} has ranks "
+                f"{[src.rank for src in sources]} in the adapters; linear needs one rank")
+        rank = sources[0].rank if combination == "linear" else new_rank
+        merges.append(TensorMerge(tensor, checkpoint.where[tensor], hits[0][1], tuple(sources),
+                                  rank, new_scaling, fan_in_fan_out, combination))
+    return MergePlan(checkpoint, tuple(files), tuple(merges), dtype, combination)

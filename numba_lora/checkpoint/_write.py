@@ -15,6 +15,7 @@ temporary name renamed when complete; the staging directory becomes
 ``out`` and no half-written shard.
 """
 
+import math
 import os
 import queue
 import shutil
@@ -44,6 +45,35 @@ _KERNELS = {
 
 _CHUNK = 8 << 20  # bytes per read/write where the kernel cannot copy
 _BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _load_sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+#: Start the disk writes of each piece as soon as it is written, so that the
+#: fsync before a shard's rename finds little left to do (below the kernel's
+#: dirty-page thresholds nothing is written back until that fsync, and the
+#: disk would idle while the merge computes).
+EARLY_WRITEBACK = True
+
+
+def _start_writeback(fd, offset, count):
+    if EARLY_WRITEBACK and _SYNC_FILE_RANGE is not None and count > 0:
+        _SYNC_FILE_RANGE(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
 
 
 class _Copier:
@@ -95,16 +125,65 @@ def _read_exactly(src, offset, view, path, key):
         got += n
 
 
-def _factors(adapter, merge, info, compute):
+def _read_factors(files, source, compute):
+    """(A, B) of one adapter's module, in ``compute`` dtype, shapes checked against the plan."""
+    adapter = files[source.adapter_file]
+    factors = adapter.read_many([source.a_key, source.b_key])
+    A = np.ascontiguousarray(factors[source.a_key], dtype=compute)
+    B = np.ascontiguousarray(factors[source.b_key], dtype=compute)
+    if A.shape[0] != source.rank or B.shape != (B.shape[0], source.rank):
+        raise LoraFormatError(
+            f"{adapter.path}: tensors {source.a_key!r} {A.shape} and {source.b_key!r} "
+            f"{B.shape} no longer fit: the adapter changed since the merge was checked")
+    return A, B
+
+
+def _combine(files, merge, compute):
+    """The combined adapter's (A, B), as PEFT's ``add_weighted_adapter`` makes them.
+
+    "cat": A stacks each adapter's ``A * weight * scaling`` (two roundings,
+    in that order), B stacks the B's, both padded with zeros to the combined
+    rank.  "linear": A = sum of ``A * float32(sign * sqrt(|weight * scaling|))``,
+    B = sum of ``B * float32(sqrt(|weight * scaling|))``, added in adapter
+    order.  Weights and scalings are Python floats, as in PEFT; each product
+    is rounded to ``compute``.
+    """
+    pairs = [_read_factors(files, source, compute) for source in merge.sources]
+    cols, rows = pairs[0][0].shape[1], pairs[0][1].shape[0]
+    if merge.combination == "cat":
+        A = np.zeros((merge.rank, cols), compute)
+        B = np.zeros((rows, merge.rank), compute)
+        at = 0
+        for source, (a, b) in zip(merge.sources, pairs):
+            A[at:at + source.rank] = (a * compute(source.weight)) * compute(source.scaling)
+            B[:, at:at + source.rank] = b
+            at += source.rank
+        return A, B
+    A = B = None
+    for source, (a, b) in zip(merge.sources, pairs):
+        value = source.weight * source.scaling
+        root = math.sqrt(abs(value))
+        # PEFT puts the weights in a float32 tensor: each is rounded to float32.
+        wa = compute(np.float32(root if value >= 0 else -root))
+        wb = compute(np.float32(root))
+        a, b = a * wa, b * wb
+        A = a if A is None else A + a
+        B = b if B is None else B + b
+    return A, B
+
+
+def _factors(files, merge, info, compute):
     """(A, B) as the kernel takes them for W's stored layout, in ``compute`` dtype."""
-    factors = adapter.read_many([merge.a_key, merge.b_key])
-    A = np.ascontiguousarray(factors[merge.a_key], dtype=compute)
-    B = np.ascontiguousarray(factors[merge.b_key], dtype=compute)
+    if merge.combination == "none":
+        A, B = _read_factors(files, merge.sources[0], compute)
+    else:
+        A, B = _combine(files, merge, compute)
     rows, cols = (info.shape[1], info.shape[0]) if merge.fan_in_fan_out else info.shape
     if A.shape != (merge.rank, cols) or B.shape != (rows, merge.rank):
         raise LoraFormatError(
-            f"{adapter.path}: tensors {merge.a_key!r} {A.shape} and {merge.b_key!r} {B.shape} "
-            "no longer fit: the adapter changed since the merge was checked")
+            f"{merge.sources[0].adapter_file}: the factors of {merge.module!r} {A.shape} and "
+            f"{B.shape} no longer fit tensor {merge.tensor!r}: the adapter changed since the "
+            "merge was checked")
     if merge.fan_in_fan_out:
         # W is stored (in, out) = (B @ A).T, and (B @ A).T = A.T @ B.T with
         # the same products summed in the same order over the rank.
@@ -132,7 +211,8 @@ class _ShardJob:
         self.path = plan.checkpoint.directory / shard
         self.final = directory / shard
         self.merges = plan.merges_in(shard)
-        self.adapter = SafetensorsFile(plan.adapter_file) if self.merges else None
+        self.adapters = ({path: SafetensorsFile(path) for path in plan.adapter_files}
+                         if self.merges else None)
         self.report = progress or (lambda n: None)
         self.tmp = directory / f".{shard}.{uuid.uuid4().hex}.tmp"
         self._src = self._dst = self._thread = None
@@ -169,8 +249,11 @@ class _ShardJob:
             try:
                 if kind == "copy":
                     copier.copy(first, second)
+                    _start_writeback(self._dst.fileno(), first, second)
                 elif kind == "buffer":
+                    offset = self._dst.tell()
                     _write_all(self._dst, second)
+                    _start_writeback(self._dst.fileno(), offset, len(second))
                 else:  # "sync": every buffer is back; free them before the wait
                     while not self._free.empty():
                         self._free.get_nowait()
@@ -240,7 +323,7 @@ class _ShardJob:
         _read_exactly(self._src, self.layout.data_start + info.start, view, self.path, info.name)
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
-        A, B = _factors(self.adapter, merge, info, compute)
+        A, B = _factors(self.adapters, merge, info, compute)
         kernel(W, A, B, merge.scaling)
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
@@ -347,8 +430,9 @@ class Output:
         if out.is_symlink():
             raise LoraConfigError(f"out {out} is a symbolic link; give a directory path")
         base = plan.checkpoint.directory
-        adapter = Path(plan.adapter_file).parent
-        for other, what in ((base, "base checkpoint"), (adapter, "adapter")):
+        others = [(base, "base checkpoint")] + [(Path(f).parent, "adapter")
+                                               for f in plan.adapter_files]
+        for other, what in others:
             if _same(out, other):
                 raise LoraConfigError(
                     f"out {out} is the {what}'s own directory; write the merged checkpoint "
