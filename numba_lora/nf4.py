@@ -34,8 +34,8 @@ to the nearest float32 first, what bitsandbytes' own kernel does with
   nibble; for odd ``n`` the last low nibble holds the code of 0.0 (7).
 - Dequantized: ``float32(NF4_CODE[q] * absmax[b])``.
 - inf and NaN are refused (:class:`~numba_lora.LoraNonFiniteError`):
-  bitsandbytes stores NaN codes and absmax for such a block and
-  dequantizes the whole block to NaN.
+  bitsandbytes stores an inf or NaN absmax for such a block, which then
+  dequantizes to NaN throughout (0 * inf).
 
 Double quantization (``double_quant=True``; bitsandbytes'
 ``compress_statistics=True``):

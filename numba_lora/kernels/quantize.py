@@ -204,7 +204,7 @@ def _quantize_nf4(W, code, blocksize, packed, absmax):
     absmax_tmp = np.empty(nblocks, dtype=np.float32)
     if _quantize_pass(W, W.view(np.uint32), blocksize, bounds, pad, packed_tmp, absmax_tmp) > 0:
         raise LoraNonFiniteError("W holds inf or NaN, which NF4 cannot store "
-                                 "(bitsandbytes would store NaN for the whole block); "
+                                 "(bitsandbytes would dequantize its whole block to NaN); "
                                  "packed and absmax are unchanged")
     packed[:] = packed_tmp
     absmax[:] = absmax_tmp
