@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from .._config import EXACT_OPTIONS
 from ..errors import LoraConfigError, LoraNonFiniteError, LoraShapeError
-from ._guard import guarded
+from ._guard import guarded, python_errors
 
 __all__ = [
     "quantize_nf4",
@@ -547,3 +547,11 @@ def dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, out):
     out : ndarray of float32
     """
     return _dequantize_absmax_checked(absmax_q, nested_absmax, nested_code, offset, out)
+
+
+# Calls from Python with arguments Numba cannot type (a dict, an object
+# array) raise a LoraError naming the kernel, as the exported kernels do.
+for _kernel in (quantize_nf4, dequantize_nf4, dequantize_nf4_serial, dynamic_lut, quantize_absmax,
+                dequantize_absmax):
+    python_errors(_kernel)
+del _kernel

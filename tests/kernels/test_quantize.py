@@ -315,3 +315,14 @@ def test_double_quant_hostile():
     with pytest.raises(LoraShapeError, match="nested_absmax"):
         K.dequantize_absmax(q, np.zeros(0, np.float32), DYN, 0.0, out)
     assert (out == 4.0).all()
+
+
+@pytest.mark.parametrize("name", ["quantize_nf4", "dequantize_nf4", "dequantize_nf4_serial",
+                                  "dynamic_lut", "quantize_absmax", "dequantize_absmax"])
+def test_untypeable_arguments_from_python(name):
+    import inspect
+
+    kernel = getattr(K, name)
+    n = len(inspect.signature(kernel.py_func).parameters)
+    with pytest.raises(LoraTypeError, match=f"kernels.{name}"):
+        kernel(*([{"not": "an array"}] * n))
