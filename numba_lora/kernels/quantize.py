@@ -289,11 +289,13 @@ def _check_dequantize(packed, absmax, code, blocksize, row0, out):
     rows, in_features = out.shape
     if row0 < 0:
         raise LoraShapeError("row0 must be >= 0")
-    end = (row0 + rows) * in_features
-    if end > 2 * packed.shape[0]:
-        raise LoraShapeError("rows row0 .. row0 + out.shape[0] reach past the end of packed")
-    if rows > 0 and in_features > 0 and (end - 1) // blocksize >= absmax.shape[0]:
-        raise LoraShapeError("rows row0 .. row0 + out.shape[0] reach past the end of absmax")
+    if rows > 0 and in_features > 0:
+        # Compared by division first, so that a huge row0 cannot overflow the product.
+        if row0 > (2 * packed.shape[0]) // in_features - rows:
+            raise LoraShapeError("rows row0 .. row0 + out.shape[0] reach past the end of packed")
+        end = (row0 + rows) * in_features
+        if (end - 1) // blocksize >= absmax.shape[0]:
+            raise LoraShapeError("rows row0 .. row0 + out.shape[0] reach past the end of absmax")
     if not out.flags.c_contiguous:
         raise LoraShapeError("out must be C-contiguous")
 

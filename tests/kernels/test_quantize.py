@@ -265,6 +265,8 @@ def test_quantize_wrong_sizes(n_packed, n_absmax, n_code, n):
     (1, 3, 64, 96, 3),     # rows past the end
     (-1, 1, 64, 96, 3),    # negative start
     (3, 1, 64, 96, 3),
+    (2**61, 1, 64, 96, 3),  # (row0 + rows) * in_features overflows int64
+    (2**62, 1, 4, 96, 3),
 ])
 def test_dequantize_out_of_range(row0, rows, cols, n_packed, n_absmax):
     out = np.full((rows, cols), 7.0, np.float32)
