@@ -248,7 +248,8 @@ def test_pissa_init_keeps_the_output_and_takes_the_top_triplets(rng, dtype, use_
     np.testing.assert_allclose(s * np.linalg.svd(B @ A, compute_uv=False)[:3], S[:3], rtol=tol * 10)
     np.testing.assert_allclose(A @ A.T, np.diag(S[:3] / s), atol=tol * 10 * S[0])
     X = rng.standard_normal((2, 9)).astype(dtype)
-    np.testing.assert_allclose(layer.forward_batch(X), X.astype(np.float64) @ W.T.astype(np.float64),
+    np.testing.assert_allclose(layer.forward_batch(X),
+                               X.astype(np.float64) @ W.T.astype(np.float64),
                                rtol=tol * 10, atol=tol * 10 * np.abs(W).sum())
 
 

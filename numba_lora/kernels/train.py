@@ -47,14 +47,9 @@ __all__ = [
     "sgd_step_serial",
 ]
 
-#: Elements per task of the parallel optimizer loops, about (whole rows):
-#: 16 KiB of float32 per array, so the arrays of a task stay in L1/L2.
+#: Elements per task of the parallel optimizer loops (16 KiB of float32 per
+#: array: the arrays of a task stay in L1/L2 while it runs).
 CHUNK = 4096
-
-
-@njit(**EXACT_OPTIONS)
-def _rows_per_task(array):
-    return max(1, CHUNK // max(1, array.shape[1]))
 
 
 # ----------------------------------------------------------------- checks
@@ -452,27 +447,43 @@ def _adamw_scalars(step, lr, beta1, beta2, eps, weight_decay):
 
 
 @njit(**EXACT_OPTIONS)
-def _adamw_range(p, g, m, v, lo, hi, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
-    """Elements lo..hi-1 of the flat arrays, in torch's single-tensor order."""
-    one = p.dtype.type(1)
-    if do_decay:
-        for k in range(lo, hi):
-            p[k] = p[k] * decay
-    # torch's lerp: the weight's size picks the formula (both fused).
+def _adamw_range(p, g, m, v, lo, hi, decay, w, b2, c2, neg_step, bc2_sqrt, eps):
+    """Elements lo..hi-1 of the flat arrays, in torch's single-tensor order, in one pass.
+
+    ``decay`` is 1 when torch skips the weight decay (a product by 1 is
+    exact, so the bits are the same).  Written so that LLVM vectorises the
+    loops: unsigned indices (Numba then emits no negative-index wraparound)
+    and ``np.divide`` (IEEE division; ``/`` would test every divisor for
+    zero to raise Python's ZeroDivisionError).
+    """
+    # torch's lerp: the weight's size picks the formula (both fused); the
+    # choice is made once, outside the loop that vectorises.
     if abs(w) < 0.5:
-        for k in range(lo, hi):
-            m[k] = fma(w, g[k] - m[k], m[k])
+        for k in range(np.uint64(lo), np.uint64(hi)):
+            gk = g[k]
+            mk = fma(w, gk - m[k], m[k])
+            # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            vk = fma(c2 * gk, gk, v[k] * b2)
+            m[k] = mk
+            v[k] = vk
+            # denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
+            # param.addcdiv_(exp_avg, denom, value=-step_size)
+            p[k] = p[k] * decay + np.divide(neg_step * mk, np.divide(np.sqrt(vk), bc2_sqrt) + eps)
     else:
-        wm1 = w - one
-        for k in range(lo, hi):
-            m[k] = fma(wm1, g[k] - m[k], g[k])
-    for k in range(lo, hi):
-        # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        v[k] = fma(c2 * g[k], g[k], v[k] * b2)
-        # denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
-        # param.addcdiv_(exp_avg, denom, value=-step_size)
-        denom = np.sqrt(v[k]) / bc2_sqrt + eps
-        p[k] = p[k] + (neg_step * m[k]) / denom
+        wm1 = w - p.dtype.type(1)
+        for k in range(np.uint64(lo), np.uint64(hi)):
+            gk = g[k]
+            mk = fma(wm1, gk - m[k], gk)
+            vk = fma(c2 * gk, gk, v[k] * b2)
+            m[k] = mk
+            v[k] = vk
+            p[k] = p[k] * decay + np.divide(neg_step * mk, np.divide(np.sqrt(vk), bc2_sqrt) + eps)
+
+
+@njit(**EXACT_OPTIONS)
+def _flat(array):
+    """A 1-D view of a C-contiguous array (checked before), whatever its Numba layout."""
+    return np.ascontiguousarray(array).reshape(array.size)
 
 
 @njit(**EXACT_OPTIONS)
@@ -483,39 +494,33 @@ def _adamw_prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps
     decay, w, b2, c2, neg_step, bc2_sqrt, eps_ = _adamw_scalars(
         step, lr, beta1, beta2, eps, weight_decay)
     t = param.dtype.type
-    return (t(decay), t(w), t(b2), t(c2), t(neg_step), t(bc2_sqrt), t(eps_), weight_decay != 0)
-
-
-@njit(**EXACT_OPTIONS)
-def _adamw_rows(P, G, M, V, r0, r1, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
-    for i in range(r0, r1):
-        _adamw_range(P[i], G[i], M[i], V[i], 0, P.shape[1], decay, w, b2, c2, neg_step,
-                     bc2_sqrt, eps, do_decay)
+    if weight_decay == 0:
+        decay = 1.0
+    return t(decay), t(w), t(b2), t(c2), t(neg_step), t(bc2_sqrt), t(eps_)
 
 
 @njit(parallel=True, **EXACT_OPTIONS)
-def _adamw_parallel(P, G, M, V, decay, w, b2, c2, neg_step, bc2_sqrt, eps, do_decay):
-    rows = P.shape[0]
-    per = _rows_per_task(P)
-    for c in prange((rows + per - 1) // per):
-        _adamw_rows(P, G, M, V, c * per, min(rows, (c + 1) * per), decay, w, b2, c2,
-                    neg_step, bc2_sqrt, eps, do_decay)
+def _adamw_parallel(p, g, m, v, decay, w, b2, c2, neg_step, bc2_sqrt, eps):
+    n = p.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _adamw_range(p, g, m, v, c * CHUNK, min(n, (c + 1) * CHUNK), decay, w, b2, c2,
+                     neg_step, bc2_sqrt, eps)
 
 
 @njit(**EXACT_OPTIONS)
 def _adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
+    decay, w, b2, c2, neg_step, bc2_sqrt, eps_ = _adamw_prepare(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    _adamw_parallel(param, grad, exp_avg, exp_avg_sq, decay, w, b2, c2, neg_step, bc2_sqrt,
-                    eps_, do_decay)
+    _adamw_parallel(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), decay, w, b2,
+                    c2, neg_step, bc2_sqrt, eps_)
 
 
 @njit(**EXACT_OPTIONS)
 def _adamw_serial(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    decay, w, b2, c2, neg_step, bc2_sqrt, eps_, do_decay = _adamw_prepare(
+    decay, w, b2, c2, neg_step, bc2_sqrt, eps_ = _adamw_prepare(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    _adamw_rows(param, grad, exp_avg, exp_avg_sq, 0, param.shape[0], decay, w, b2, c2,
-                neg_step, bc2_sqrt, eps_, do_decay)
+    _adamw_range(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), 0, param.size,
+                 decay, w, b2, c2, neg_step, bc2_sqrt, eps_)
 
 
 _ADAMW = (("param", "f2w"), ("grad", "f2"), ("exp_avg", "f2w"), ("exp_avg_sq", "f2w"),
@@ -581,7 +586,7 @@ def adamw_step_serial(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
 # ------------------------------------------------------------------- SGD
 @njit(**EXACT_OPTIONS)
 def _sgd_range(p, g, buf, lo, hi, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
-    for k in range(lo, hi):
+    for k in range(np.uint64(lo), np.uint64(hi)):
         d = g[k]
         if wd != 0:
             d = fma(p[k], wd, d)              # grad.add(param, alpha=weight_decay)
@@ -589,7 +594,8 @@ def _sgd_range(p, g, buf, lo, hi, neg_lr, momentum, c, wd, nesterov, first, use_
             if first:
                 b = d                          # buf = clone(grad)
             else:
-                b = fma(d, c, buf[k] * momentum)  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                b = fma(d, c, buf[k] * momentum)
             buf[k] = b
             d = fma(b, momentum, d) if nesterov else b
         p[k] = fma(d, neg_lr, p[k])           # param.add_(grad, alpha=-lr)
@@ -614,27 +620,20 @@ def _sgd_prepare(param, grad, momentum_buffer, lr, momentum, dampening, weight_d
             nesterov != 0, first != 0, momentum != 0)
 
 
-@njit(**EXACT_OPTIONS)
-def _sgd_rows(P, G, BUF, r0, r1, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
-    for i in range(r0, r1):
-        _sgd_range(P[i], G[i], BUF[i], 0, P.shape[1], neg_lr, momentum, c, wd, nesterov, first,
-                   use_momentum)
-
-
 @njit(parallel=True, **EXACT_OPTIONS)
-def _sgd_parallel(P, G, BUF, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
-    rows = P.shape[0]
-    per = _rows_per_task(P)
-    for k in prange((rows + per - 1) // per):
-        _sgd_rows(P, G, BUF, k * per, min(rows, (k + 1) * per), neg_lr, momentum, c, wd,
-                  nesterov, first, use_momentum)
+def _sgd_parallel(p, g, buf, neg_lr, momentum, c, wd, nesterov, first, use_momentum):
+    n = p.shape[0]
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _sgd_range(p, g, buf, k * CHUNK, min(n, (k + 1) * CHUNK), neg_lr, momentum, c, wd,
+                   nesterov, first, use_momentum)
 
 
 @njit(**EXACT_OPTIONS)
 def _sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first):
     neg_lr, mom, c, wd, nest, fst, use = _sgd_prepare(
         param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first)
-    _sgd_parallel(param, grad, momentum_buffer, neg_lr, mom, c, wd, nest, fst, use)
+    _sgd_parallel(_flat(param), _flat(grad), _flat(momentum_buffer), neg_lr, mom, c, wd, nest,
+                  fst, use)
 
 
 @njit(**EXACT_OPTIONS)
@@ -642,8 +641,8 @@ def _sgd_serial(param, grad, momentum_buffer, lr, momentum, dampening, weight_de
                 first):
     neg_lr, mom, c, wd, nest, fst, use = _sgd_prepare(
         param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first)
-    _sgd_rows(param, grad, momentum_buffer, 0, param.shape[0], neg_lr, mom, c, wd, nest, fst,
-              use)
+    _sgd_range(_flat(param), _flat(grad), _flat(momentum_buffer), 0, param.size, neg_lr, mom, c,
+               wd, nest, fst, use)
 
 
 _SGD = (("param", "f2w"), ("grad", "f2"), ("momentum_buffer", "f2w"), ("lr", "real"),

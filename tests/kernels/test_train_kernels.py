@@ -1,4 +1,4 @@
-"""numba_lora.kernels.train: gradients by finite differences, references, user @njit, hostile input."""
+"""numba_lora.kernels.train: finite-difference gradients, references, user @njit, hostile input."""
 
 import numpy as np
 import pytest
