@@ -172,6 +172,50 @@ def _combine(files, merge, compute):
     return A, B
 
 
+_HALF = ("BF16", "F16")
+
+
+def _to_half(x, code):
+    """float32 ``x`` rounded to bfloat16 / float16 (to nearest, ties to even), as bits."""
+    x = np.ascontiguousarray(x, np.float32)
+    if code == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    bits = np.empty(x.size, np.uint16)
+    kernels.round_bf16(x.reshape(-1), bits)
+    return bits.reshape(x.shape)
+
+
+def _from_half(bits, code):
+    """bfloat16 / float16 bits widened to float32, exactly."""
+    if code == "F16":
+        return bits.view(np.float16).astype(np.float32)
+    out = np.empty(bits.size, np.float32)
+    kernels.widen_bf16(np.ascontiguousarray(bits).reshape(-1), out)
+    return out.reshape(bits.shape)
+
+
+def _merge_half_as_peft(W, A, B, scaling, code, merge_f32):
+    """PEFT's merge of a "cat" combination into bfloat16 / float16 bits ``W``.
+
+    PEFT holds a "cat" combination's factors in the model's dtype (its
+    ``add_weighted_adapter`` copies the float32 stack into them), and its
+    merge on a CPU computes the delta in float32 from them, rounds the delta
+    to that dtype, and adds it: ``W = round(W + round(scaling * B @ A))``,
+    with A and B rounded first.  The float32 delta is
+    :func:`numba_lora.kernels.merge`'s, added to -0.0 (which leaves every
+    value, signed zeros included, as it is).  Memory: two float32 arrays of
+    W's shape.
+    """
+    A = _from_half(_to_half(A, code), code)
+    B = _from_half(_to_half(B, code), code)
+    delta = np.full(W.shape, -0.0, np.float32)
+    merge_f32(delta, A, B, scaling)
+    total = _from_half(W, code)
+    total += _from_half(_to_half(delta, code), code)
+    del delta
+    W[...] = _to_half(total, code)
+
+
 def _factors(files, merge, info, compute):
     """(A, B) as the kernel takes them for W's stored layout, in ``compute`` dtype."""
     if merge.combination == "none":
@@ -324,7 +368,11 @@ class _ShardJob:
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
         A, B = _factors(self.adapters, merge, info, compute)
-        kernel(W, A, B, merge.scaling)
+        if merge.combination == "cat" and info.dtype in _HALF:
+            _merge_half_as_peft(W, A, B, merge.scaling, info.dtype,
+                                kernels.merge if self._threads > 1 else kernels.merge_serial)
+        else:
+            kernel(W, A, B, merge.scaling)
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
         return view
