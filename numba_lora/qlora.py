@@ -81,7 +81,7 @@ class QLoraLinear:
     Examples
     --------
     >>> import numpy as np
-    >>> from numba_lora import QLoraLinear
+    >>> from numba_lora.qlora import QLoraLinear
     >>> W = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     >>> layer = QLoraLinear(W, rank=8, alpha=16.0, seed=0)
     >>> layer(np.ones(128, dtype=np.float32)).shape
