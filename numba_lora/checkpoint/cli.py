@@ -1,4 +1,7 @@
-"""``python -m numba_lora merge BASE_DIR ADAPTER_DIR OUT_DIR``: the checkpoint merge on the command line.
+"""``python -m numba_lora merge BASE_DIR ADAPTER_DIR [ADAPTER_DIR ...] OUT_DIR``: the checkpoint merge.
+
+Several adapters with ``--weights W [W ...]`` (and ``--combination cat|linear``)
+are combined as PEFT's ``add_weighted_adapter`` combines them, then merged.
 
 Exit codes: 0 merged; 1 the merge was refused or failed (one line on
 stderr, naming the file and the key; nothing written); 2 a usage error.
@@ -10,7 +13,7 @@ import sys
 import numba
 
 from ..errors import LoraError
-from . import DTYPES, merge
+from . import COMBINATIONS, DTYPES, merge
 
 __all__ = ["DESCRIPTION", "add_arguments", "execute"]
 
@@ -36,10 +39,16 @@ def add_arguments(p):
     """Add the merge command's arguments to parser ``p``."""
     p.add_argument("base", metavar="BASE_DIR",
                    help="the base checkpoint: model.safetensors, or shards and their index")
-    p.add_argument("adapter", metavar="ADAPTER_DIR",
-                   help="the PEFT adapter: adapter_config.json and adapter_model.safetensors")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="+",
+                   help="the PEFT adapter: adapter_config.json and adapter_model.safetensors "
+                   "(several, with --weights: a weighted merge)")
     p.add_argument("out", metavar="OUT_DIR",
                    help="where the merged checkpoint goes: a new or empty directory")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W", default=None,
+                   help="one weight per adapter: combine the adapters as PEFT's "
+                   "add_weighted_adapter does, then merge the combination")
+    p.add_argument("--combination", choices=COMBINATIONS, default=None,
+                   help="how to combine weighted adapters (default: cat, exact)")
     p.add_argument("--dtype", choices=DTYPES, default="keep",
                    help="dtype of the merged tensors (default: keep each stored dtype)")
     p.add_argument("--threads", type=_threads, default=None,
@@ -55,9 +64,13 @@ def execute(args, p):
         from .._threads import set_num_threads
 
         set_num_threads(args.threads)
+    weighted = args.weights is not None or args.combination is not None
+    if len(args.adapter) > 1 and not weighted:
+        p.error(f"{len(args.adapter)} adapters need --weights (one per adapter)")
+    adapter = args.adapter if weighted else args.adapter[0]
     try:
-        result = merge(args.base, args.adapter, args.out, dtype=args.dtype,
-                       progress=args.progress)
+        result = merge(args.base, adapter, args.out, dtype=args.dtype, weights=args.weights,
+                       combination=args.combination, progress=args.progress)
     except (LoraError, OSError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -53,4 +53,30 @@ def test_in_a_fresh_process_with_threads(tmp_path):
     assert checkpoint_tensors(out) == raw_tensors(FIXTURES / "gpt2_f32_merged.safetensors")
     result = subprocess.run([sys.executable, "-m", "numba_lora", "merge", "--help"],
                             capture_output=True, text=True, check=True)
-    assert "BASE_DIR ADAPTER_DIR OUT_DIR" in result.stdout
+    assert "BASE_DIR ADAPTER_DIR [ADAPTER_DIR ...]" in result.stdout and "OUT_DIR" in result.stdout
+
+
+def test_weighted_merge_command(tmp_path, capsys):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    weighted = Path(__file__).resolve().parents[1] / "fixtures" / "peft_weighted"
+    spec = json.loads((weighted / "expected.json").read_text())["cases"]["cat_d_c_bf16"]
+    out = tmp_path / "out"
+    code = main(["merge", str(FIXTURES / "llama_bf16"), str(weighted / "adapter_d"),
+                 str(weighted / "adapter_c"), str(out), "--weights", "0.5", "1.5",
+                 "--combination", "cat", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"merged 8 tensors into {out}")
+    assert {name: hashlib.sha256(data).hexdigest()
+            for name, (_, _, data) in checkpoint_tensors(out).items()} == spec["sha256"]
+
+
+def test_several_adapters_need_weights(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(FIXTURES / "llama_bf16"), str(FIXTURES / "llama_adapter"),
+              str(FIXTURES / "gpt2_adapter"), str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "2 adapters need --weights" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
