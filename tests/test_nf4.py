@@ -4,6 +4,7 @@ bitsandbytes state dicts read, written and refused when malformed."""
 import copy
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.nf4 import reference as R
 from numba_lora import LoraConfigError, LoraDtypeError, LoraError, LoraFormatError, \
     LoraNonFiniteError, LoraShapeError, LoraTypeError, LoraUnsupportedError, nf4
 
 HERE = Path(__file__).resolve().parent / "fixtures" / "nf4"
+sys.path.insert(0, str(HERE))
+import nf4_reference as R  # noqa: E402  (tests/fixtures/nf4/nf4_reference.py)
 CODES = np.load(HERE / "codes.npz")
 REF = np.load(HERE / "linear4bit_ref.npz")
 

@@ -5,6 +5,7 @@ refused before any array is touched.  The kernels are float32-only (the
 format is), so float64 arrays are a compile-time LoraDtypeError.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numba import njit, prange
 
-from fixtures.nf4 import reference as R
 from numba_lora import LoraConfigError, LoraDtypeError, LoraNonFiniteError, LoraShapeError, \
     LoraTypeError
 from numba_lora.kernels import quantize as K
 
 HERE = Path(__file__).resolve().parents[1] / "fixtures" / "nf4"
+sys.path.insert(0, str(HERE))
+import nf4_reference as R  # noqa: E402  (tests/fixtures/nf4/nf4_reference.py)
 CODES = np.load(HERE / "codes.npz")
 CODE = CODES["nf4"]
 DYN = CODES["dynamic"]
