@@ -278,3 +278,31 @@ def test_hostile_inputs(rng):
     shared = np.zeros(80, np.float32)
     with pytest.raises(LoraShapeError, match="overlap"):
         layer.forward_batch(shared.reshape(1, 80)[:, :80], out=shared[:24].reshape(1, 24))
+
+
+def test_forwards_in_threads_see_whole_factor_changes(rng):
+    import threading
+
+    _, layer = make(rng)
+    x = rng.standard_normal(80).astype(np.float32)
+    B1, B2 = layer.lora_b.copy(), rng.standard_normal((24, 4)).astype(np.float32)
+    y1 = layer(x)
+    layer.lora_b = B2
+    y2 = layer(x)
+    layer.lora_b = B1
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.append(layer(x))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(100):
+        layer.lora_b = B2 if i % 2 == 0 else B1
+    stop.set()
+    for t in threads:
+        t.join()
+    assert seen
+    assert all(np.array_equal(y, y1) or np.array_equal(y, y2) for y in seen)
