@@ -2,6 +2,14 @@
 
     python docs/bench/train_ratios.py [BATCH ...]      (default: 64 512)
     python docs/bench/train_ratios.py --repeats 15 64
+    python docs/bench/train_ratios.py --threads 1 --clock cpu
+
+``--clock wall`` (default) times with ``time.perf_counter``; ``--clock cpu``
+with ``time.process_time`` (CPU seconds of the whole process), which on a
+machine shared with other work measures the work done rather than the
+waiting for a core; use it with ``--threads 1`` (with more threads it would
+count OpenBLAS's spinning workers too).  ``--threads N`` sets both BLAS's and
+Numba's thread counts.
 
 4096 x 4096 float32, rank 16, on every core (BLAS and Numba threads as
 configured).  Each repeat runs every candidate once, in a rotating order
@@ -26,11 +34,13 @@ import argparse
 import os
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from numba_lora import LoraLinear
 from numba_lora.kernels import train as K
+from numba_lora.kernels._blas import blas_threads, set_blas_threads
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -48,6 +58,10 @@ def rw_pass(arrays):
         _pass_rows(p, g, m, v)
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def interleaved(candidates, repeats):
     """{name: median seconds}, every repeat running each candidate once, order rotated."""
     names = list(candidates)
@@ -57,9 +71,9 @@ def interleaved(candidates, repeats):
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t = time.perf_counter()
+            t = clock()
             candidates[name]()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -128,8 +142,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("batches", nargs="*", type=int, default=[64, 512])
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall")
     args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
+    if args.threads is not None:
+        set_blas_threads(args.threads)
+        numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    print(f"threads: BLAS {blas_threads()}, Numba {numba.get_num_threads()}; "
+          f"clock: {args.clock}; cores: {os.cpu_count()}", flush=True)
     print(f"load before: {os.getloadavg()}", flush=True)
     for batch in args.batches:
         bench_batch(batch, args.repeats, rng)
