@@ -237,12 +237,42 @@ def _nf4_deq_avx512(typingctx, packed, byte0, absmax, b0, nblk, gpb, code, dst, 
     return sig, _blocks_codegen("deq")
 
 
+@intrinsic
+def _rounded_mul_add(typingctx, a, b, c):
+    """``float32(float32(a * b) + c)``: two roundings, never fused or reassociated.
+
+    An intrinsic, because plain arithmetic is not enough: Numba compiles an
+    ``@njit`` helper without ``fastmath`` with its caller's fastmath flags
+    (its option inheritance), and ``contract`` would fuse the two steps.
+    The instructions here carry no flags whoever calls them.
+    """
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(builder.fmul(args[0], args[1]), args[2])
+
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def _rounded_mul(typingctx, a, b):
+    """``float32(a * b)`` as an instruction no fastmath flag can reassociate."""
+    if not (a == types.float32 and b == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+
+    return types.float32(a, b), codegen
+
+
 # ------------------------------------------------- portable group kernels
 @njit(**EXACT_OPTIONS)
 def _scaled_table(code, scale, table):
     """``table[q] = code[q] * scale`` rounded to float32: the block's 16 weights."""
     for q in range(_LANES):
-        table[q] = code[q] * scale
+        table[q] = _rounded_mul(code[q], scale)
 
 
 @njit(**JIT_OPTIONS)
@@ -280,7 +310,7 @@ def _weight(packed, code, scale, j):
     """Element ``j`` of the flattened W, rounded as nf4.dequantize rounds it."""
     byte = np.int64(packed[j >> 1])
     q = (byte >> 4) if (j & 1) == 0 else (byte & 15)
-    return code[q] * scale
+    return _rounded_mul(code[q], scale)
 
 
 @njit(**EXACT_OPTIONS)
@@ -288,8 +318,8 @@ def _dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax):
     """``absmax[b - b0]`` for blocks b0 <= b < b1, from double-quant state, each step rounded."""
     off = np.float32(offset)
     for b in range(b0, b1):
-        scaled = np.float32(nested_code[absmax_q[b]] * nested_absmax[b // NESTED_BLOCK])
-        absmax[b - b0] = scaled + off
+        absmax[b - b0] = _rounded_mul_add(nested_code[absmax_q[b]],
+                                          nested_absmax[b // NESTED_BLOCK], off)
 
 
 @njit(**JIT_OPTIONS)
@@ -314,6 +344,19 @@ def _down(A, X, scaling):
                 acc += A[k, j] * X[b, j]
             T[b, k] = acc
     return T, np.float32(scaling)
+
+
+@njit(**JIT_OPTIONS)
+def _down_vector(A, x, scaling):
+    """:func:`_down` for one vector: (t, s) with ``t = A @ x``."""
+    rank = A.shape[0] if scaling != 0 else 0
+    t = np.zeros(rank, dtype=np.float32)
+    for k in range(rank):
+        acc = np.float32(0)
+        for j in range(x.shape[0]):
+            acc += A[k, j] * x[j]
+        t[k] = acc
+    return t, np.float32(scaling)
 
 
 @njit(**JIT_OPTIONS)
@@ -622,8 +665,8 @@ def _make_drivers(paths, tag):
             if x.shape[0] == 0:
                 out[:] = 0
             else:
-                T, s_ = _down(A, x.reshape((1, x.shape[0])), scaling)
-                gemv_rows(packed, absmax, code, blocksize, x, B, T[0], s_, out)
+                t, s_ = _down_vector(A, x, scaling)
+                gemv_rows(packed, absmax, code, blocksize, x, B, t, s_, out)
                 return out
         _lora_vector(A, B, scaling, x, out)
         return out
@@ -636,9 +679,9 @@ def _make_drivers(paths, tag):
             if x.shape[0] == 0:
                 out[:] = 0
             else:
-                T, s_ = _down(A, x.reshape((1, x.shape[0])), scaling)
+                t, s_ = _down_vector(A, x, scaling)
                 gemv_rows_dq(packed, absmax_q, nested_absmax, nested_code, offset, _NF4,
-                             blocksize, x, B, T[0], s_, out)
+                             blocksize, x, B, t, s_, out)
                 return out
         _lora_vector(A, B, scaling, x, out)
         return out
