@@ -18,6 +18,7 @@ from ._base import FrozenWeight, readonly
 from .kernels import train as train_kernels
 from ._lock import RWLock
 from ._validate import (
+    as_array,
     as_factor,
     as_real_array,
     as_rng,
@@ -32,6 +33,7 @@ from ._validate import (
 )
 from .errors import (
     LoraConfigError,
+    LoraDtypeError,
     LoraNonFiniteError,
     LoraShapeError,
     LoraStateError,
@@ -464,7 +466,8 @@ class LoraLinear(FrozenWeight):
 
     # --------------------------------------------------------------- training
     def forward_train(self, X: ArrayLike, *, dropout: float = 0.0,
-                      rng: int | np.random.Generator | None = None
+                      rng: int | np.random.Generator | None = None,
+                      mask: ArrayLike | None = None
                       ) -> tuple[NDArray[np.floating], TrainContext]:
         """Training forward of a batch: the output and what :meth:`backward` needs.
 
@@ -489,6 +492,14 @@ class LoraLinear(FrozenWeight):
         rng : int, numpy.random.Generator or None, optional
             Where the dropout mask comes from (:func:`numpy.random.default_rng`
             of it; pass one Generator across steps for a reproducible run).
+            The mask keeps each element with probability ``1 - p``
+            (``rng.random(X.shape) >= p``).
+        mask : array_like of bool, shape (batch, in_features), optional
+            Use this dropout mask (True keeps) instead of drawing one, e.g.
+            to replay a mask torch drew; needs ``dropout > 0`` (it gives the
+            scale ``1 / (1 - p)``).  Kept elements are multiplied by
+            ``dtype(1) / dtype(1 - p)`` rounded once, dropped ones by 0, as
+            torch's ``nn.Dropout`` does.
 
         Returns
         -------
@@ -502,7 +513,10 @@ class LoraLinear(FrozenWeight):
             If the layer is merged (training updates A and B, which a merged
             W would no longer match: unmerge first).
         LoraConfigError
-            If ``dropout`` is not in ``[0, 1)``.
+            If ``dropout`` is not in ``[0, 1)``, or a ``mask`` comes with
+            ``dropout=0``.
+        LoraShapeError, LoraDtypeError
+            If ``X`` or ``mask`` has the wrong shape, or ``mask`` is not bool.
 
         Notes
         -----
@@ -510,14 +524,25 @@ class LoraLinear(FrozenWeight):
         ``dX = dY @ W`` and leaves the factor gradients as they are.
         """
         p = check_dropout(dropout)
+        given_mask = mask
         X = self._as_input(X, "X")
         check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
         batch = X.shape[0]
         mask = None
         keep = 1.0
         XL = X
+        if given_mask is not None:
+            if p == 0:
+                raise LoraConfigError("a dropout mask needs dropout > 0 (for its 1 / (1 - p))")
+            given_mask = as_array(given_mask, "mask")
+            if given_mask.dtype != np.bool_:
+                raise LoraDtypeError(f"mask must be a bool array, got dtype {given_mask.dtype}")
+            check_shape(given_mask, X.shape, "mask", ("batch", "in_features"))
         if p > 0 and batch > 0 and self._enabled:
-            mask = dropout_mask(as_rng(rng), X.shape, p)
+            if given_mask is None:
+                mask = dropout_mask(as_rng(rng), X.shape, p)
+            else:
+                mask = np.array(given_mask, order="C", copy=True)
             keep = keep_scale(p, self.dtype)
             XL = np.empty_like(X)
             train_kernels.apply_dropout(X, mask, keep, XL)

@@ -11,6 +11,7 @@ from numba_lora import (
     LoraAdapter,
     LoraConfig,
     LoraConfigError,
+    LoraDtypeError,
     LoraLinear,
     LoraShapeError,
     LoraStateError,
@@ -280,3 +281,20 @@ def test_a_short_training_run_lowers_the_loss(rng):
     assert losses[-1] < 0.1 * losses[0]
     # The trained layer's A is still the view stacked under W.
     assert layer._A.base is layer._WA or np.shares_memory(layer._A, layer._WA)
+
+
+def test_a_given_mask_replays_dropout(rng):
+    layer = make_layer(rng, np.float32)
+    X = rng.standard_normal((3, 5)).astype(np.float32)
+    drawn, ctx = layer.forward_train(X, dropout=0.4, rng=9)
+    given, ctx2 = layer.forward_train(X, dropout=0.4, mask=np.asarray(ctx.mask).tolist())
+    ref.assert_bitwise_equal(given, drawn)
+    ref.assert_bitwise_equal(ctx2.XL, ctx.XL)
+    # torch's nn.Dropout: x * (1 / (1 - p) rounded once), 0 where dropped.
+    ref.assert_bitwise_equal(ctx2.XL, X * (ctx.mask * (np.float32(1) / np.float32(0.6))))
+    with pytest.raises(LoraConfigError, match="dropout > 0"):
+        layer.forward_train(X, mask=np.ones((3, 5), bool))
+    with pytest.raises(LoraShapeError, match="mask"):
+        layer.forward_train(X, dropout=0.1, mask=np.ones((3, 4), bool))
+    with pytest.raises(LoraDtypeError, match="bool"):
+        layer.forward_train(X, dropout=0.1, mask=np.ones((3, 5)))
