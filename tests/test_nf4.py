@@ -409,3 +409,16 @@ def test_fp4_and_other_types_refused():
 def test_missing_file_is_a_format_error(tmp_path):
     with pytest.raises(LoraFormatError, match="does not exist"):
         nf4.load_bnb_safetensors(tmp_path / "nope.safetensors")
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 80), blocksize=st.sampled_from([32, 64]),
+       double_quant=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_state_dict_round_trip(rows, cols, blocksize, double_quant, seed):
+    W = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    q = nf4.quantize(W, blocksize, double_quant=double_quant)
+    tensors = nf4.to_bnb_state_dict(q, prefix="p.")
+    assert tensors["p.weight"].shape == ((rows * cols + 1) // 2, 1)
+    state = json.loads(tensors["p.weight.quant_state.bitsandbytes__nf4"].tobytes())
+    assert state["shape"] == [rows, cols] and state["blocksize"] == blocksize
+    back = nf4.from_bnb_state_dict(tensors, "p.")
+    assert back == q and same_bits(nf4.dequantize(back), nf4.dequantize(q))
