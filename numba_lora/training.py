@@ -16,9 +16,9 @@ import numbers
 import numpy as np
 
 from ._base import readonly
-from .errors import LoraConfigError
+from .errors import LoraConfigError, LoraShapeError
 
-__all__ = ["TrainContext", "dropout_mask", "keep_scale", "check_dropout"]
+__all__ = ["TrainContext", "dropout_mask", "keep_scale", "check_dropout", "pissa_to_lora"]
 
 
 def check_dropout(p):
@@ -127,6 +127,57 @@ class TrainContext:
 
     def __repr__(self):
         return (f"TrainContext(batch={self.batch}, dropout={self.dropout:g}, lora={self.lora})")
+
+
+def pissa_to_lora(lora_a, lora_b, initial_a, initial_b, alpha, *, use_rslora=False):
+    """A PiSSA-trained layer as a plain LoRA update of the *original* base weight.
+
+    A layer made with ``init="pissa"`` trains on the residual base
+    ``W_res = W - s B0 A0``; what it learned, relative to the original W, is
+    ``s (B A - B0 A0)``, a rank-``2 r`` update.  This is PEFT's conversion
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``):
+    ``A' = [A; A0]``, ``B' = [B, -B0]``, rank ``2 r`` and alpha ``2 alpha``
+    (``sqrt(2) alpha`` with rsLoRA), which keeps the scaling.  Save the
+    result, over the original base weights, and PEFT loads it as an ordinary
+    LoRA adapter::
+
+        A0, B0 = layer.lora_a.copy(), layer.lora_b.copy()   # right after init
+        ...train...
+        A2, B2, alpha2 = pissa_to_lora(layer.lora_a, layer.lora_b, A0, B0, layer.alpha)
+        out = LoraAdapter(LoraConfig(r=2 * layer.rank, lora_alpha=alpha2))
+        fc = out.add_layer("fc", W_original)
+        fc.lora_a, fc.lora_b = A2, B2
+        out.save_peft("converted/")
+
+    (``2 r`` must not exceed ``min(out_features, in_features)``.)  Or save
+    the PiSSA adapter as it is, together with the residual base weights, and
+    load both: PEFT then needs that residual model as its base.
+
+    Parameters
+    ----------
+    lora_a, lora_b : array_like
+        The trained factors, (rank, in_features) and (out_features, rank).
+    initial_a, initial_b : array_like
+        The factors as the PiSSA initialisation made them.
+    alpha : float
+        The layer's alpha.
+    use_rslora : bool, optional
+
+    Returns
+    -------
+    (A2, B2, alpha2)
+        ``A2`` (2 rank, in_features), ``B2`` (out_features, 2 rank), and
+        the alpha that keeps the scaling at rank ``2 rank``.
+    """
+    A, B = np.asarray(lora_a), np.asarray(lora_b)
+    A0, B0 = np.asarray(initial_a), np.asarray(initial_b)
+    if A.shape != A0.shape or B.shape != B0.shape or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise LoraShapeError(
+            f"lora_a {A.shape}, lora_b {B.shape} and the initial factors {A0.shape}, {B0.shape} "
+            "must be (rank, in_features) and (out_features, rank), pairwise equal")
+    alpha2 = float(alpha) * (math.sqrt(2.0) if use_rslora else 2.0)
+    return (np.ascontiguousarray(np.concatenate([A, A0], axis=0)),
+            np.ascontiguousarray(np.concatenate([B, -B0], axis=1)), alpha2)
 
 
 def finite_or_raise(value, what):

@@ -298,3 +298,24 @@ def test_a_given_mask_replays_dropout(rng):
         layer.forward_train(X, dropout=0.1, mask=np.ones((3, 4), bool))
     with pytest.raises(LoraDtypeError, match="bool"):
         layer.forward_train(X, dropout=0.1, mask=np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_pissa_to_lora_is_the_learned_update_over_the_original_base(rng, use_rslora):
+    from numba_lora.training import pissa_to_lora
+
+    W = rng.standard_normal((7, 6))
+    layer = LoraLinear(W, rank=2, alpha=4.0, init="pissa", use_rslora=use_rslora)
+    A0, B0 = layer.lora_a.copy(), layer.lora_b.copy()
+    layer.lora_a = A0 + 0.1 * rng.standard_normal(A0.shape)
+    layer.lora_b = B0 + 0.1 * rng.standard_normal(B0.shape)
+    A2, B2, alpha2 = pissa_to_lora(layer.lora_a, layer.lora_b, A0, B0, layer.alpha,
+                                   use_rslora=use_rslora)
+    plain = LoraLinear(W, rank=4, alpha=alpha2, use_rslora=use_rslora)
+    plain.lora_a, plain.lora_b = A2, B2
+    assert plain.scaling == pytest.approx(layer.scaling)
+    X = rng.standard_normal((3, 6))
+    np.testing.assert_allclose(plain.forward_batch(X), layer.forward_batch(X), rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(LoraShapeError):
+        pissa_to_lora(A2, B2, A0, B0, 1.0)
