@@ -546,11 +546,16 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
         param   = param + (-lr / (1 - beta1**step)) * exp_avg / denom
 
     This is ``torch.optim.AdamW(foreach=False)`` (torch's default for CPU
-    tensors), operation for operation; it was checked bit for bit against
-    torch 2.13 on CPU except for one thing: torch's CPU ``sqrt`` (SIMD, on
-    AVX-512 machines) is not correctly rounded (1 ulp off for about 17% of
-    float32 elements), where this kernel's is; so results agree with torch
-    to about one rounding per step, not always bitwise.
+    tensors), operation for operation, as torch 2.13's vectorised CPU loops
+    round it: the moments ``exp_avg`` and ``exp_avg_sq`` come out bit for
+    bit equal to torch's (float32 and float64).  ``param`` can differ from
+    torch's in the last bit, for two reasons that are torch's, not
+    arithmetic this kernel could reproduce on every machine: torch's SIMD
+    ``sqrt`` is not always correctly rounded (on an AVX-512 CPU, about 17% of
+    float32 and 1% of float64 elements are 1 ulp off), where this kernel's
+    is; and torch's scalar loop (tensors shorter than its SIMD width, and
+    the last elements of longer ones) rounds the last line as
+    ``param + c * (exp_avg / denom)`` in float32.
 
     Parameters
     ----------
