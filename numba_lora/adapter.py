@@ -61,12 +61,15 @@ class LoraAdapter:
 
     # ------------------------------------------------------------- building
     def add_layer(self, name: str, weight: ArrayLike, *,
-                  seed: int | np.random.Generator | None = None) -> LoraLinear:
+                  seed: int | np.random.Generator | None = None,
+                  init: str = "peft") -> LoraLinear:
         """Add a layer over base ``weight`` and return it.
 
         ``weight`` is (out_features, in_features), or (in_features,
         out_features) when the config has ``fan_in_fan_out``.  Rank and alpha
         come from the config after ``rank_pattern``/``alpha_pattern``.
+        ``init`` is :class:`LoraLinear`'s (``"peft"``, ``"gaussian"`` or
+        ``"pissa"``; a PiSSA layer's base becomes the residual, see there).
 
         ``name`` must survive :meth:`save_peft` and :meth:`from_peft`
         unchanged (see :func:`numba_lora.io.peft.check_module_name`): dotted
@@ -98,7 +101,7 @@ class LoraAdapter:
         if self.config.fan_in_fan_out:
             weight = weight.T
         layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
-                           seed=seed, use_rslora=self.config.use_rslora)
+                           seed=seed, use_rslora=self.config.use_rslora, init=init)
         self._layers[name] = layer
         return layer
 

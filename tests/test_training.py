@@ -319,3 +319,14 @@ def test_pissa_to_lora_is_the_learned_update_over_the_original_base(rng, use_rsl
                                atol=1e-12)
     with pytest.raises(LoraShapeError):
         pissa_to_lora(A2, B2, A0, B0, 1.0)
+
+
+def test_adapter_add_layer_takes_init(rng):
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=4))
+    W = rng.standard_normal((6, 5))
+    layer = adapter.add_layer("fc", W, init="pissa")
+    np.testing.assert_allclose(layer.weight + layer.scaling * layer.lora_b @ layer.lora_a, W,
+                               atol=1e-12)
+    with pytest.raises(LoraConfigError, match="init"):
+        adapter.add_layer("fc2", W, init="olora")
+    assert "fc2" not in adapter
