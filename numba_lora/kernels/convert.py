@@ -221,36 +221,112 @@ _merge_f16_serial_checked = guarded("merge_f16_serial", _HALF, _merge_f16_alone)
 def merge_bf16(W, A, B, scaling):
     """In place, bfloat16 ``W = round(float32(W) + scaling * B @ A)``, on Numba's threads.
 
-    The delta is float32 and bit-identical to the one :func:`merge` adds to
-    a float32 W (same order, the scaling rounded once to float32); the sum
-    ``float32(W) + delta`` is rounded once to bfloat16, to nearest with ties
-    to even.  This is PEFT's default ``merge_and_unload()`` on a bfloat16
-    model.  Rows are split over threads, never an element's sum, so the
-    result is the same bits for any thread count.  Memory: a few float32
-    tiles per thread, no copy of W.
+    The delta is float32 and bit-identical to the one
+    :func:`~numba_lora.kernels.merge` adds to a float32 W (same order, the
+    scaling rounded once to float32); the sum ``float32(W) + delta`` is
+    rounded once to bfloat16, to nearest with ties to even.  This is PEFT's
+    default ``merge_and_unload()`` on a bfloat16 model.  Rows are split over
+    threads, never an element's sum, so the result is the same bits for
+    any thread count.  Memory: a few float32 tiles per thread, no copy of W.
 
     Parameters
     ----------
     W : ndarray of uint16, shape (out_features, in_features)
-        The bfloat16 weight's bits, C-contiguous and writable.
+        The bfloat16 weight's bits, C-contiguous and writable; updated
+        in place.
     A : ndarray of float32, shape (rank, in_features)
-        LoRA down-projection.
+        LoRA down-projection, C-contiguous.
     B : ndarray of float32, shape (out_features, rank)
-        LoRA up-projection.
+        LoRA up-projection, C-contiguous.
     scaling : float
-        Multiplier of the low-rank term.
+        Multiplier of the low-rank term; rounded once to float32.
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: W not a writable 2-D uint16 array, A or
+        B not 2-D float32 arrays.
+    LoraShapeError
+        When it runs: shapes that do not fit together, or an array not
+        C-contiguous.  Nothing has been written then.
 
     See Also
     --------
-    merge_bf16_serial : the same bits on the calling thread.
-    merge_f16 : the same for float16 bits.
+    merge_bf16_serial : The same bits on the calling thread.
+    merge_f16 : The same for float16 bits.
+    numba_lora.kernels.merge : The float32 and float64 merge.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> W32 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    >>> W = (W32.view(np.uint32) >> 16).astype(np.uint16)    # exact: these are bfloat16 values
+    >>> A = np.ones((1, 2), np.float32)
+    >>> B = np.full((2, 1), 0.5, np.float32)
+    >>> kernels.merge_bf16(W, A, B, 1.0)
+    >>> merged = np.empty(4, np.float32)
+    >>> kernels.widen_bf16(W.ravel(), merged).tolist()
+    [1.5, 2.5, 3.5, 4.5]
     """
     _merge_bf16_checked(W, A, B, scaling)
 
 
 @njit(**EXACT_OPTIONS)
 def merge_bf16_serial(W, A, B, scaling):
-    """:func:`merge_bf16` on the calling thread only; bit-identical to it."""
+    """:func:`merge_bf16` on the calling thread only; bit-identical to it.
+
+    For a caller's own ``prange`` loop (one layer per iteration), where the
+    threaded kernel would oversubscribe the cores.
+
+    Parameters
+    ----------
+    W : ndarray of uint16, shape (out_features, in_features)
+        The bfloat16 weight's bits, C-contiguous and writable; updated
+        in place.
+    A : ndarray of float32, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray of float32, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term; rounded once to float32.
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: W not a writable 2-D uint16 array, A or
+        B not 2-D float32 arrays.
+    LoraShapeError
+        When it runs: shapes that do not fit together, or an array not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge_bf16 : The same on Numba's threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> W32 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    >>> W = (W32.view(np.uint32) >> 16).astype(np.uint16)    # exact: these are bfloat16 values
+    >>> A = np.ones((1, 2), np.float32)
+    >>> B = np.full((2, 1), 0.5, np.float32)
+    >>> kernels.merge_bf16_serial(W, A, B, 1.0)
+    >>> merged = np.empty(4, np.float32)
+    >>> kernels.widen_bf16(W.ravel(), merged).tolist()
+    [1.5, 2.5, 3.5, 4.5]
+    """
     _merge_bf16_serial_checked(W, A, B, scaling)
 
 
@@ -260,14 +336,100 @@ def merge_f16(W, A, B, scaling):
 
     ``float32(W) + delta`` is rounded once to float16, to nearest with ties
     to even (overflow to infinity, gradual underflow), as NumPy's and
-    torch's conversions round.  Parameters as for :func:`merge_bf16`.
+    torch's conversions round.
+
+    Parameters
+    ----------
+    W : ndarray of uint16, shape (out_features, in_features)
+        The float16 weight's bits (``W16.view(np.uint16)``), C-contiguous and writable; updated
+        in place.
+    A : ndarray of float32, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray of float32, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term; rounded once to float32.
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: W not a writable 2-D uint16 array, A or
+        B not 2-D float32 arrays.
+    LoraShapeError
+        When it runs: shapes that do not fit together, or an array not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge_f16_serial : The same bits on the calling thread.
+    merge_bf16 : The same for bfloat16 bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> W16 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float16)
+    >>> A = np.ones((1, 2), np.float32)
+    >>> B = np.full((2, 1), 0.5, np.float32)
+    >>> kernels.merge_f16(W16.view(np.uint16), A, B, 1.0)
+    >>> W16.tolist()
+    [[1.5, 2.5], [3.5, 4.5]]
     """
     _merge_f16_checked(W, A, B, scaling)
 
 
 @njit(**EXACT_OPTIONS)
 def merge_f16_serial(W, A, B, scaling):
-    """:func:`merge_f16` on the calling thread only; bit-identical to it."""
+    """:func:`merge_f16` on the calling thread only; bit-identical to it.
+
+    For a caller's own ``prange`` loop, as :func:`merge_bf16_serial`.
+
+    Parameters
+    ----------
+    W : ndarray of uint16, shape (out_features, in_features)
+        The float16 weight's bits (``W16.view(np.uint16)``), C-contiguous and writable; updated
+        in place.
+    A : ndarray of float32, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray of float32, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term; rounded once to float32.
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: W not a writable 2-D uint16 array, A or
+        B not 2-D float32 arrays.
+    LoraShapeError
+        When it runs: shapes that do not fit together, or an array not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge_f16 : The same on Numba's threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> W16 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float16)
+    >>> A = np.ones((1, 2), np.float32)
+    >>> B = np.full((2, 1), 0.5, np.float32)
+    >>> kernels.merge_f16_serial(W16.view(np.uint16), A, B, 1.0)
+    >>> W16.tolist()
+    [[1.5, 2.5], [3.5, 4.5]]
+    """
     _merge_f16_serial_checked(W, A, B, scaling)
 
 
@@ -318,43 +480,174 @@ _round_f16_checked = guarded("round_f16", _ROUND, _round_f16)
 
 @njit(**EXACT_OPTIONS)
 def widen_bf16(bits, out):
-    """bfloat16 bits to float32, exactly.
+    """Convert bfloat16 bits to float32, exactly.
+
+    A bfloat16 is the top half of a float32, so every value (NaN payloads
+    included) widens without rounding.
 
     Parameters
     ----------
     bits : ndarray of uint16, shape (n,)
+        The bfloat16 values as their bits (the top 16 bits of a float32).
     out : ndarray of float32, shape (n,)
-        Written and returned.
+        Writable; overwritten.
+
+    Returns
+    -------
+    out : ndarray of float32, shape (n,)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError
+        When the call is compiled: ``bits`` not a 1-D uint16 array, or
+        ``out`` not a writable 1-D float32 array.
+    LoraShapeError
+        If the lengths differ.
+
+    See Also
+    --------
+    round_bf16 : The other way, rounded.
+    widen_f16 : The same for float16 bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> bits = np.array([0x3F80, 0xC040], np.uint16)        # 1.0 and -3.0
+    >>> kernels.widen_bf16(bits, np.empty(2, np.float32)).tolist()
+    [1.0, -3.0]
     """
     return _widen_bf16_checked(bits, out)
 
 
 @njit(**EXACT_OPTIONS)
 def round_bf16(x, out):
-    """float32 to bfloat16 bits, rounded to nearest, ties to even.
+    """Round float32 to bfloat16 bits, to nearest, ties to even.
+
+    Values past bfloat16's largest finite value round to infinity; a NaN
+    stays a quiet NaN of the same sign.
 
     Parameters
     ----------
     x : ndarray of float32, shape (n,)
+        Values to round.
     out : ndarray of uint16, shape (n,)
-        Written and returned.
+        Writable; overwritten with the bfloat16 bits.
+
+    Returns
+    -------
+    out : ndarray of uint16, shape (n,)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError
+        When the call is compiled: ``x`` not a 1-D float32 array, or
+        ``out`` not a writable 1-D uint16 array.
+    LoraShapeError
+        If the lengths differ.
+
+    See Also
+    --------
+    widen_bf16 : The other way, exactly.
+    round_f16 : The same for float16.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8], np.float32)   # two ties
+    >>> bits = kernels.round_bf16(x, np.empty(3, np.uint16))
+    >>> kernels.widen_bf16(bits, np.empty(3, np.float32)).tolist()
+    [1.0, 1.0, 1.015625]
     """
     return _round_bf16_checked(x, out)
 
 
 @njit(**EXACT_OPTIONS)
 def widen_f16(bits, out):
-    """float16 bits to float32, exactly (``x.view(np.uint16)`` of a float16 array).
+    """Convert float16 bits to float32, exactly.
 
-    Parameters as for :func:`widen_bf16`.
+    The bits are ``x.view(np.uint16)`` of a float16 array; subnormals,
+    infinities and NaN payloads are kept.
+
+    Parameters
+    ----------
+    bits : ndarray of uint16, shape (n,)
+        The float16 values as their bits.
+    out : ndarray of float32, shape (n,)
+        Writable; overwritten.
+
+    Returns
+    -------
+    out : ndarray of float32, shape (n,)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError
+        When the call is compiled: ``bits`` not a 1-D uint16 array, or
+        ``out`` not a writable 1-D float32 array.
+    LoraShapeError
+        If the lengths differ.
+
+    See Also
+    --------
+    round_f16 : The other way, rounded.
+    widen_bf16 : The same for bfloat16 bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> x16 = np.array([0.5, -2.0, 6e-8], np.float16)
+    >>> out = kernels.widen_f16(x16.view(np.uint16), np.empty(3, np.float32))
+    >>> bool((out == x16.astype(np.float32)).all())
+    True
     """
     return _widen_f16_checked(bits, out)
 
 
 @njit(**EXACT_OPTIONS)
 def round_f16(x, out):
-    """float32 to float16 bits, rounded to nearest, ties to even (as NumPy's ``astype``).
+    """Round float32 to float16 bits, to nearest, ties to even (as NumPy's ``astype``).
 
-    Parameters as for :func:`round_bf16`.
+    Overflow goes to infinity, small values to float16's subnormals or
+    zero; a NaN stays a quiet NaN of the same sign.
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (n,)
+        Values to round.
+    out : ndarray of uint16, shape (n,)
+        Writable; overwritten with the float16 bits.
+
+    Returns
+    -------
+    out : ndarray of uint16, shape (n,)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError
+        When the call is compiled: ``x`` not a 1-D float32 array, or
+        ``out`` not a writable 1-D uint16 array.
+    LoraShapeError
+        If the lengths differ.
+
+    See Also
+    --------
+    widen_f16 : The other way, exactly.
+    round_bf16 : The same for bfloat16.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> x = np.array([0.1, 3.0, 1e-6], np.float32)
+    >>> bits = kernels.round_f16(x, np.empty(3, np.uint16))
+    >>> bool((bits == x.astype(np.float16).view(np.uint16)).all())
+    True
     """
     return _round_f16_checked(x, out)

@@ -80,17 +80,21 @@ _forward_checked = guarded("forward", _LORA + (("x", "f1"), ("out", "f1w")), _fo
 def forward(W, A, B, scaling, x, out):
     """One input vector: ``out = W @ x + scaling * B @ (A @ x)``.
 
+    Three BLAS matrix-vector products (``t = A x``, ``out = s B t``, then
+    ``out += W x``) on the BLAS NumPy uses; the only temporary is ``t``, of
+    length ``rank``.  ``scaling == 0`` (or rank 0) gives the plain ``W @ x``.
+
     Parameters
     ----------
     W : ndarray, shape (out_features, in_features)
-        Frozen base weight.
+        Frozen base weight, C-contiguous.
     A : ndarray, shape (rank, in_features)
-        LoRA down-projection.
+        LoRA down-projection, C-contiguous.
     B : ndarray, shape (out_features, rank)
-        LoRA up-projection.
+        LoRA up-projection, C-contiguous.
     scaling : float
-        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA);
-        ``0`` skips it.
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+        ``0`` skips the low-rank term.
     x : ndarray, shape (in_features,)
         Input vector, contiguous.
     out : ndarray, shape (out_features,)
@@ -100,6 +104,36 @@ def forward(W, A, B, scaling, x, out):
     -------
     out : ndarray, shape (out_features,)
         The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    forward_batch : Many rows at once.
+    forward_stacked : The same with W and A stacked in one array.
+    numba_lora.LoraLinear.forward : The layer that calls this kernel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> x = rng.standard_normal(4)
+    >>> out = kernels.forward(W, A, B, 0.5, x, np.empty(6))
+    >>> np.allclose(out, W @ x + 0.5 * B @ (A @ x))
+    True
     """
     return _forward_checked(W, A, B, scaling, x, out)
 
@@ -132,16 +166,21 @@ _forward_batch_checked = guarded("forward_batch", _LORA + (("X", "f2"), ("out", 
 def forward_batch(W, A, B, scaling, X, out):
     """A batch of rows: ``out = X @ W.T + scaling * (X @ A.T) @ B.T``.
 
+    Three BLAS matrix products; the low-rank term is added straight into
+    ``out`` (``beta = 1``), so the only temporary is ``X @ A.T``, of shape
+    (batch, rank).
+
     Parameters
     ----------
     W : ndarray, shape (out_features, in_features)
-        Frozen base weight.
+        Frozen base weight, C-contiguous.
     A : ndarray, shape (rank, in_features)
-        LoRA down-projection.
+        LoRA down-projection, C-contiguous.
     B : ndarray, shape (out_features, rank)
-        LoRA up-projection.
+        LoRA up-projection, C-contiguous.
     scaling : float
-        Multiplier of the low-rank term; ``0`` skips it.
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+        ``0`` skips the low-rank term.
     X : ndarray, shape (batch, in_features)
         Input rows, C-contiguous; ``batch`` may be 0.
     out : ndarray, shape (batch, out_features)
@@ -151,6 +190,36 @@ def forward_batch(W, A, B, scaling, X, out):
     -------
     out : ndarray, shape (batch, out_features)
         The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    forward : One vector.
+    forward_batch_stacked : A few rows, W and A read in one pass.
+    forward_batch_multi : A different adapter for each row.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> X = rng.standard_normal((3, 4))
+    >>> out = kernels.forward_batch(W, A, B, 0.5, X, np.empty((3, 6)))
+    >>> np.allclose(out, X @ W.T + 0.5 * (X @ A.T) @ B.T)
+    True
     """
     return _forward_batch_checked(W, A, B, scaling, X, out)
 
@@ -208,21 +277,48 @@ def forward_stacked(WA, B, scaling, x, out):
     WA : ndarray, shape (out_features + rank, in_features)
         ``np.vstack([W, A])``, C-contiguous.
     B : ndarray, shape (out_features, rank)
-        LoRA up-projection; its shape gives ``rank``.
+        LoRA up-projection, C-contiguous; its shape gives ``rank``.
     scaling : float
         Multiplier of the low-rank term; ``0`` reads W only.
     x : ndarray, shape (in_features,)
+        Input vector, contiguous.
     out : ndarray, shape (out_features,)
-        Overwritten.
+        Output, contiguous and writable; overwritten.
 
     Returns
     -------
     out : ndarray, shape (out_features,)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
 
     See Also
     --------
-    forward : the same with W and A apart.
-    forward_batch_stacked : a few rows at once.
+    forward : The same with W and A apart.
+    forward_batch_stacked : A few rows at once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> WA = np.vstack([W, A])                           # as LoraLinear stores them
+    >>> x = rng.standard_normal(4)
+    >>> out = kernels.forward_stacked(WA, B, 0.5, x, np.empty(6))
+    >>> np.allclose(out, kernels.forward(W, A, B, 0.5, x, np.empty(6)))
+    True
     """
     return _forward_stacked_checked(WA, B, scaling, x, out)
 
@@ -269,14 +365,48 @@ def forward_batch_stacked(WA, B, scaling, X, out):
     WA : ndarray, shape (out_features + rank, in_features)
         ``np.vstack([W, A])``, C-contiguous.
     B : ndarray, shape (out_features, rank)
+        LoRA up-projection, C-contiguous; its shape gives ``rank``.
     scaling : float
+        Multiplier of the low-rank term; ``0`` reads W only.
     X : ndarray, shape (batch, in_features)
+        Input rows, C-contiguous; ``batch`` may be 0.
     out : ndarray, shape (batch, out_features)
-        Overwritten.
+        Output, C-contiguous and writable; overwritten.
 
     Returns
     -------
     out : ndarray, shape (batch, out_features)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    forward_batch : The same with W and A apart.
+    forward_stacked : One vector.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> WA = np.vstack([W, A])                           # as LoraLinear stores them
+    >>> X = rng.standard_normal((3, 4))
+    >>> out = kernels.forward_batch_stacked(WA, B, 0.5, X, np.empty((3, 6)))
+    >>> np.allclose(out, X @ W.T + 0.5 * (X @ A.T) @ B.T)
+    True
     """
     return _forward_batch_stacked_checked(WA, B, scaling, X, out)
 
@@ -479,28 +609,61 @@ def merge(W, A, B, scaling):
     ``k = 0 .. rank-1`` from ``p = +0`` (rank 1: the plain product; ranks
     above 192: such chains over blocks of k, added; see ``CHAIN_MAX_RANK``),
     then ``delta = p * s`` rounded once, with ``s`` the scaling rounded once
-    to W's dtype, then ``W + delta`` rounded once.  Rows are split over Numba's threads, never an element's
-    sum, so the result is the same bits for any thread count, and equals
-    PEFT's ``merge_and_unload()`` for float32 (torch's CPU order).  No
-    W-sized temporary.
+    to W's dtype, then ``W + delta`` rounded once.  Rows are split over
+    Numba's threads, never an element's sum, so the result is the same bits
+    for any thread count, and equals PEFT's ``merge_and_unload()`` for
+    float32 (torch's CPU order).  No W-sized temporary.
 
     Parameters
     ----------
     W : ndarray, shape (out_features, in_features)
-        Weight to update, C-contiguous and writable.
+        Weight updated in place, C-contiguous and writable.
     A : ndarray, shape (rank, in_features)
-        LoRA down-projection.
+        LoRA down-projection, C-contiguous.
     B : ndarray, shape (out_features, rank)
-        LoRA up-projection.
+        LoRA up-projection, C-contiguous.
     scaling : float
-        Multiplier of the low-rank term.
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
 
     See Also
     --------
-    unmerge : subtracts the same delta.
-    merge_serial : the same arithmetic on the calling thread.
-    count_nonfinite_merged : predicts, without writing, whether this merge
+    unmerge : Subtracts the same delta.
+    merge_serial : The same arithmetic on the calling thread.
+    count_nonfinite_merged : Predicts, without writing, whether this merge
         would make any element NaN or infinite.
+    merge_bf16 : The same delta into bfloat16 weights.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> W0 = W.copy()
+    >>> kernels.merge(W, A, B, 0.5)
+    >>> np.allclose(W, W0 + 0.5 * B @ A)
+    True
+    >>> kernels.unmerge(W, A, B, 0.5)
+    >>> np.allclose(W, W0)
+    True
     """
     _merge_checked(W, A, B, scaling)
 
@@ -509,10 +672,57 @@ def merge(W, A, B, scaling):
 def unmerge(W, A, B, scaling):
     """In place, ``W -= scaling * B @ A``: subtracts bitwise the delta :func:`merge` adds.
 
-    Parameters as for :func:`merge`.  Because the delta is the same bits, a
-    merge/unmerge cycle ends within one rounding of where it started, and
-    later cycles reproduce the first cycle's result bit for bit, whatever
-    the thread counts of each call.
+    Because the delta is the same bits, a merge/unmerge cycle ends within
+    one rounding of where it started, and later cycles reproduce the first
+    cycle's result bit for bit, whatever the thread counts of each call.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Weight updated in place, C-contiguous and writable.
+    A : ndarray, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge : Adds the delta.
+    unmerge_serial : The same arithmetic on the calling thread.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> W0 = W.copy()
+    >>> kernels.merge(W, A, B, 0.5)
+    >>> np.allclose(W, W0 + 0.5 * B @ A)
+    True
+    >>> kernels.unmerge(W, A, B, 0.5)
+    >>> np.allclose(W, W0)
+    True
     """
     _unmerge_checked(W, A, B, scaling)
 
@@ -521,7 +731,59 @@ def unmerge(W, A, B, scaling):
 def merge_serial(W, A, B, scaling):
     """:func:`merge` on the calling thread only (no threads), for a caller's ``prange``.
 
-    Bit-identical to :func:`merge`.  Parameters as for :func:`merge`.
+    Bit-identical to :func:`merge`.  Call it from your own ``@njit``
+    function, for example inside a ``prange`` over many layers, where the
+    threaded :func:`merge` would oversubscribe the cores.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Weight updated in place, C-contiguous and writable.
+    A : ndarray, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge : The same on Numba's threads.
+    unmerge_serial : Subtracts the same delta.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> from numba import njit
+    >>> @njit
+    ... def merge_layers(Ws, As, Bs, scaling):          # your own loop over layers
+    ...     for k in range(Ws.shape[0]):
+    ...         kernels.merge_serial(Ws[k], As[k], Bs[k], scaling)
+    >>> Ws = np.stack([W, 2 * W]); expected = Ws + 0.5 * (B @ A)
+    >>> merge_layers(Ws, np.stack([A, A]), np.stack([B, B]), 0.5)
+    >>> np.allclose(Ws, expected)
+    True
     """
     _merge_serial_checked(W, A, B, scaling)
 
@@ -530,7 +792,53 @@ def merge_serial(W, A, B, scaling):
 def unmerge_serial(W, A, B, scaling):
     """:func:`unmerge` on the calling thread only; bit-identical to it.
 
-    Parameters as for :func:`merge`.
+    For a caller's own ``prange`` loop, as :func:`merge_serial`.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Weight updated in place, C-contiguous and writable.
+    A : ndarray, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
+
+    Returns
+    -------
+    None
+        W is updated in place.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    unmerge : The same on Numba's threads.
+    merge_serial : Adds the delta.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> W0 = W.copy()
+    >>> kernels.merge_serial(W, A, B, 0.5)
+    >>> kernels.unmerge_serial(W, A, B, 0.5)
+    >>> np.allclose(W, W0)
+    True
     """
     _unmerge_serial_checked(W, A, B, scaling)
 
@@ -609,12 +917,52 @@ def count_nonfinite_merged(W, A, B, scaling):
     same order, same rounding of the scaling) and writes nothing, so a count
     of 0 means the merge leaves every element finite, and a count above 0
     that it would not (elements already NaN or infinite in W count too).
+    Runs on Numba's threads.
 
-    Parameters as for :func:`merge` (W may be read-only).
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Weight as it is before the merge, C-contiguous; may be read-only.
+    A : ndarray, shape (rank, in_features)
+        LoRA down-projection, C-contiguous.
+    B : ndarray, shape (out_features, rank)
+        LoRA up-projection, C-contiguous.
+    scaling : float
+        Multiplier of the low-rank term (``alpha / rank`` for plain LoRA).
 
     Returns
     -------
     count : int
+        The number of elements that would not be finite.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    merge : The merge whose result this predicts.
+    count_nonfinite_remerged : The same for replacing a merged update.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> kernels.count_nonfinite_merged(W, A, B, 0.5)
+    0
+    >>> kernels.count_nonfinite_merged(W, A, B, 1e308) > 0     # this merge would overflow
+    True
     """
     return _count_merged_checked(W, A, B, scaling)
 
@@ -628,8 +976,52 @@ def count_nonfinite_remerged(W, A_old, B_old, A_new, B_new, scaling):
     as those two calls would, without writing.  This is how a layer refuses
     a new factor while merged with W untouched.
 
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Weight with the old update merged in, C-contiguous; may be read-only.
+    A_old : ndarray, shape (rank_old, in_features)
+        Down-projection of the update merged now.
+    B_old : ndarray, shape (out_features, rank_old)
+        Up-projection of the update merged now.
+    A_new : ndarray, shape (rank_new, in_features)
+        Down-projection of the update that would replace it.
+    B_new : ndarray, shape (out_features, rank_new)
+        Up-projection of the update that would replace it.
+    scaling : float
+        Multiplier of both low-rank terms.
+
     Returns
     -------
     count : int
+        The number of elements that would not be finite.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument is not an array, or has the
+        wrong number of dimensions, the float arrays do not share one dtype
+        (float32 or float64), or the output is read-only.  The message names
+        the kernel and the argument.
+    LoraShapeError
+        When it runs: the shapes do not fit together, or an array is not
+        C-contiguous.  Nothing has been written then.
+
+    See Also
+    --------
+    count_nonfinite_merged : For one merge.
+    numba_lora.LoraLinear.lora_b : A setter that uses it while merged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))                  # (out_features, in_features)
+    >>> A = rng.standard_normal((2, 4))                  # (rank, in_features)
+    >>> B = rng.standard_normal((6, 2))                  # (out_features, rank)
+    >>> kernels.merge(W, A, B, 0.5)
+    >>> kernels.count_nonfinite_remerged(W, A, B, 2 * A, 2 * B, 0.5)
+    0
     """
     return _count_remerged_checked(W, A_old, B_old, A_new, B_new, scaling)

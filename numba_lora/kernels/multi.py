@@ -114,13 +114,17 @@ _group_rows_checked = guarded("group_rows", (("ids", "i64"), ("n_adapters", "int
 def group_rows(ids, n_adapters):
     """Counting sort of rows by adapter.
 
+    The grouping behind :func:`forward_batch_multi_segmented`, public for
+    callers that gather rows per adapter themselves.  Stable: within an
+    adapter, rows keep their order.
+
     Parameters
     ----------
     ids : ndarray of int64, shape (batch,)
         The adapter of each row, ``-1`` for none; values must lie in
         ``[-1, n_adapters)``.
     n_adapters : int
-        Number of adapters.
+        Number of adapters, >= 0.
 
     Returns
     -------
@@ -128,6 +132,28 @@ def group_rows(ids, n_adapters):
         Row indices, grouped by adapter, in row order within each group.
     starts : ndarray of int64, shape (n_adapters + 1,)
         ``order[starts[i]:starts[i+1]]`` are the rows of adapter ``i``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError
+        When the call is compiled: ``ids`` not a 1-D int64 array, or
+        ``n_adapters`` not an integer.
+    LoraShapeError
+        If ``n_adapters`` is negative.
+    LoraKeyError
+        If an id lies outside ``[-1, n_adapters)``.
+
+    See Also
+    --------
+    forward_batch_multi_segmented : The kernel that uses this grouping.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> order, starts = kernels.group_rows(np.array([1, -1, 0, 1]), 2)
+    >>> order.tolist(), starts.tolist()
+    ([2, 0, 3], [0, 1, 3])
     """
     return _group_rows_checked(ids, n_adapters)
 
@@ -268,12 +294,75 @@ def forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings, X, ids, o
     """``out[b] = W @ X[b] + s_i * B_i @ (A_i @ X[b])`` with ``i = ids[b]``, segmented path.
 
     One gemm for the dense product of the whole batch, then per adapter in
-    use a shrink and an expand gemm over that adapter's rows.  See the
-    module docstring for the packed arguments.
+    use a shrink and an expand gemm over that adapter's rows (gathered with
+    a counting sort, :func:`group_rows`).  Pays when several rows share an
+    adapter.  See the module docstring for the packed arguments.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Frozen base weight, C-contiguous.
+    A_cat : ndarray, shape (R, in_features)
+        The adapters' A factors stacked row-wise (R = sum of the ranks).
+    BT_cat : ndarray, shape (R, out_features)
+        The adapters' B factors, transposed, stacked row-wise.
+    offsets : ndarray of int64, shape (n_adapters + 1,)
+        Adapter ``i`` owns rows ``offsets[i]:offsets[i+1]`` of ``A_cat`` and
+        ``BT_cat``; ``offsets[0] == 0`` and ``offsets[-1] == R``.
+    scalings : ndarray of float64, shape (n_adapters,)
+        Each adapter's scaling; ``0`` skips its low-rank term.
+    X : ndarray, shape (batch, in_features)
+        Input rows, C-contiguous; ``batch`` may be 0.
+    ids : ndarray of int64, shape (batch,)
+        Each row's adapter, ``-1`` for the base weight only.
+    out : ndarray, shape (batch, out_features)
+        Output, C-contiguous and writable; overwritten.
 
     Returns
     -------
     out : ndarray, shape (batch, out_features)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument of the wrong kind, the float
+        arrays not of one dtype (float32 or float64), ``offsets`` or ``ids``
+        not int64, ``scalings`` not float64, or ``out`` read-only.
+    LoraShapeError
+        When it runs: shapes that do not fit together, ``offsets`` not
+        running from 0 to R without decreasing, or an array not
+        C-contiguous.
+    LoraKeyError
+        When it runs: an id outside ``[-1, n_adapters)``.  Nothing has been
+        written when any of these is raised.
+
+    See Also
+    --------
+    forward_batch_multi : Chooses this path or the per-row one.
+    forward_batch_multi_rows : The per-row path.
+    numba_lora.MultiLoraLinear.forward_batch : The layer that packs the
+        adapters and calls these kernels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))
+    >>> A0, B0 = rng.standard_normal((2, 4)), rng.standard_normal((6, 2))   # adapter 0: rank 2
+    >>> A1, B1 = rng.standard_normal((3, 4)), rng.standard_normal((6, 3))   # adapter 1: rank 3
+    >>> A_cat = np.vstack([A0, A1])
+    >>> BT_cat = np.ascontiguousarray(np.vstack([B0.T, B1.T]))   # every array C-contiguous
+    >>> offsets, scalings = np.array([0, 2, 5]), np.array([0.5, 2.0])
+    >>> X, ids = rng.standard_normal((3, 4)), np.array([1, -1, 0])        # row 1: base only
+    >>> expected = X @ W.T
+    >>> expected[0] += 2.0 * B1 @ (A1 @ X[0])
+    >>> expected[2] += 0.5 * B0 @ (A0 @ X[2])
+    >>> out = kernels.forward_batch_multi_segmented(W, A_cat, BT_cat, offsets, scalings,
+    ...                                             X, ids, np.empty((3, 6)))
+    >>> np.allclose(out, expected)
+    True
     """
     return _forward_batch_multi_segmented_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
 
@@ -283,7 +372,73 @@ def forward_batch_multi_rows(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     """The same as :func:`forward_batch_multi_segmented`, per-row path.
 
     One gemm for the dense product, then loops over rows: ``t = s_i * A_i @
-    x`` and ``out[b] += t @ B_i.T``, on the calling thread.
+    x`` and ``out[b] += t @ B_i.T``, on the calling thread.  Pays when
+    nearly every row has its own adapter, where a gemm of one row would be
+    all overhead.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Frozen base weight, C-contiguous.
+    A_cat : ndarray, shape (R, in_features)
+        The adapters' A factors stacked row-wise (R = sum of the ranks).
+    BT_cat : ndarray, shape (R, out_features)
+        The adapters' B factors, transposed, stacked row-wise.
+    offsets : ndarray of int64, shape (n_adapters + 1,)
+        Adapter ``i`` owns rows ``offsets[i]:offsets[i+1]`` of ``A_cat`` and
+        ``BT_cat``; ``offsets[0] == 0`` and ``offsets[-1] == R``.
+    scalings : ndarray of float64, shape (n_adapters,)
+        Each adapter's scaling; ``0`` skips its low-rank term.
+    X : ndarray, shape (batch, in_features)
+        Input rows, C-contiguous; ``batch`` may be 0.
+    ids : ndarray of int64, shape (batch,)
+        Each row's adapter, ``-1`` for the base weight only.
+    out : ndarray, shape (batch, out_features)
+        Output, C-contiguous and writable; overwritten.
+
+    Returns
+    -------
+    out : ndarray, shape (batch, out_features)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument of the wrong kind, the float
+        arrays not of one dtype (float32 or float64), ``offsets`` or ``ids``
+        not int64, ``scalings`` not float64, or ``out`` read-only.
+    LoraShapeError
+        When it runs: shapes that do not fit together, ``offsets`` not
+        running from 0 to R without decreasing, or an array not
+        C-contiguous.
+    LoraKeyError
+        When it runs: an id outside ``[-1, n_adapters)``.  Nothing has been
+        written when any of these is raised.
+
+    See Also
+    --------
+    forward_batch_multi : Chooses this path or the segmented one.
+    forward_batch_multi_segmented : The segmented path.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))
+    >>> A0, B0 = rng.standard_normal((2, 4)), rng.standard_normal((6, 2))   # adapter 0: rank 2
+    >>> A1, B1 = rng.standard_normal((3, 4)), rng.standard_normal((6, 3))   # adapter 1: rank 3
+    >>> A_cat = np.vstack([A0, A1])
+    >>> BT_cat = np.ascontiguousarray(np.vstack([B0.T, B1.T]))   # every array C-contiguous
+    >>> offsets, scalings = np.array([0, 2, 5]), np.array([0.5, 2.0])
+    >>> X, ids = rng.standard_normal((3, 4)), np.array([1, -1, 0])        # row 1: base only
+    >>> expected = X @ W.T
+    >>> expected[0] += 2.0 * B1 @ (A1 @ X[0])
+    >>> expected[2] += 0.5 * B0 @ (A0 @ X[2])
+    >>> out = kernels.forward_batch_multi_rows(W, A_cat, BT_cat, offsets, scalings,
+    ...                                        X, ids, np.empty((3, 6)))
+    >>> np.allclose(out, expected)
+    True
     """
     return _forward_batch_multi_rows_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
 
@@ -293,7 +448,72 @@ def forward_batch_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
     """Many adapters in one batch; picks the segmented or the per-row path.
 
     Segmented when the rows using an adapter average at least
-    ``SEGMENTED_MIN_ROWS`` per adapter in use, per row otherwise.  Arguments
-    and result as for :func:`forward_batch_multi_segmented`.
+    ``SEGMENTED_MIN_ROWS`` per adapter in use, per row otherwise.  Both
+    paths give the same result up to rounding.
+
+    Parameters
+    ----------
+    W : ndarray, shape (out_features, in_features)
+        Frozen base weight, C-contiguous.
+    A_cat : ndarray, shape (R, in_features)
+        The adapters' A factors stacked row-wise (R = sum of the ranks).
+    BT_cat : ndarray, shape (R, out_features)
+        The adapters' B factors, transposed, stacked row-wise.
+    offsets : ndarray of int64, shape (n_adapters + 1,)
+        Adapter ``i`` owns rows ``offsets[i]:offsets[i+1]`` of ``A_cat`` and
+        ``BT_cat``; ``offsets[0] == 0`` and ``offsets[-1] == R``.
+    scalings : ndarray of float64, shape (n_adapters,)
+        Each adapter's scaling; ``0`` skips its low-rank term.
+    X : ndarray, shape (batch, in_features)
+        Input rows, C-contiguous; ``batch`` may be 0.
+    ids : ndarray of int64, shape (batch,)
+        Each row's adapter, ``-1`` for the base weight only.
+    out : ndarray, shape (batch, out_features)
+        Output, C-contiguous and writable; overwritten.
+
+    Returns
+    -------
+    out : ndarray, shape (batch, out_features)
+        The same array as ``out``.
+
+    Raises
+    ------
+    LoraTypeError, LoraDtypeError, LoraShapeError
+        When the call is compiled: an argument of the wrong kind, the float
+        arrays not of one dtype (float32 or float64), ``offsets`` or ``ids``
+        not int64, ``scalings`` not float64, or ``out`` read-only.
+    LoraShapeError
+        When it runs: shapes that do not fit together, ``offsets`` not
+        running from 0 to R without decreasing, or an array not
+        C-contiguous.
+    LoraKeyError
+        When it runs: an id outside ``[-1, n_adapters)``.  Nothing has been
+        written when any of these is raised.
+
+    See Also
+    --------
+    forward_batch_multi_segmented : The path for rows sharing adapters.
+    forward_batch_multi_rows : The path for one adapter per row.
+    forward_batch : One adapter for the whole batch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((6, 4))
+    >>> A0, B0 = rng.standard_normal((2, 4)), rng.standard_normal((6, 2))   # adapter 0: rank 2
+    >>> A1, B1 = rng.standard_normal((3, 4)), rng.standard_normal((6, 3))   # adapter 1: rank 3
+    >>> A_cat = np.vstack([A0, A1])
+    >>> BT_cat = np.ascontiguousarray(np.vstack([B0.T, B1.T]))   # every array C-contiguous
+    >>> offsets, scalings = np.array([0, 2, 5]), np.array([0.5, 2.0])
+    >>> X, ids = rng.standard_normal((3, 4)), np.array([1, -1, 0])        # row 1: base only
+    >>> expected = X @ W.T
+    >>> expected[0] += 2.0 * B1 @ (A1 @ X[0])
+    >>> expected[2] += 0.5 * B0 @ (A0 @ X[2])
+    >>> out = kernels.forward_batch_multi(W, A_cat, BT_cat, offsets, scalings,
+    ...                                   X, ids, np.empty((3, 6)))
+    >>> np.allclose(out, expected)
+    True
     """
     return _forward_batch_multi_checked(W, A_cat, BT_cat, offsets, scalings, X, ids, out)
