@@ -14,7 +14,9 @@ with the base's files in the page cache (read once beforehand), it times,
   each, since the merge syncs its shards before renaming them;
 - ``read+write``: the same files copied by reading and writing them through
   an 8 MiB buffer, as the merge moves its adapted tensors;
-- ``merge``: :func:`numba_lora.checkpoint.merge` in a fresh process, which
+- ``merge``: :func:`numba_lora.checkpoint.merge` (O_DIRECT writes where the
+  file system takes them; with ``--buffered``, also through the page cache,
+  interleaved) in a fresh process, which
   records its resident memory after importing numba_lora and loading the
   kernels, resets the peak (``/proc/self/clear_refs``; where that is not
   allowed, the peak stays the process's ``ru_maxrss``), and reads the peak
@@ -183,6 +185,8 @@ _CHILD = """
 import resource, sys, time
 import numba_lora, numba_lora.checkpoint as c
 from numba_lora import kernels
+from numba_lora.checkpoint import _write
+_write.DIRECT_IO = sys.argv[4] == "direct"
 import numpy as np
 W = np.zeros((8, 8), np.uint16); A = np.zeros((2, 8), np.float32); B = np.zeros((8, 2), np.float32)
 # Load the kernels first (from Numba's cache: about half a second, once per
@@ -216,8 +220,8 @@ print(floor, peak, r.seconds, r.bytes, spent)
 """
 
 
-def _merge(base, adapter, out):
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out)],
+def _merge(base, adapter, out, how="direct"):
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out), how],
                             check=True, capture_output=True, text=True)
     floor_kib, peak_kib, seconds, nbytes, cpu = result.stdout.split()
     return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes), float(cpu)
@@ -233,6 +237,8 @@ def main(argv=None):
     p.add_argument("--shard-mib", type=int, default=500, help="shard size in MiB (default 500)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--buffered", action="store_true",
+                   help="also time the merge with buffered writes (no O_DIRECT), interleaved")
     args = p.parse_args(argv)
     base, adapter = make_checkpoint(args.dir, args.gib, args.dtype, args.shard_mib)
     total = sum(path.stat().st_size for path in base.glob("*.safetensors"))
@@ -265,9 +271,19 @@ def main(argv=None):
         rows["merge_cpu"].append(cpu)
         rows["floor"].append(floor)
         rows["peak"].append(peak)
+        buffered = ""
+        if args.buffered:
+            shutil.rmtree(out, ignore_errors=True)
+            b_seconds, _, b_peak, _, b_cpu = _merge(base, adapter, out, "buffered")
+            shutil.rmtree(out)
+            rows.setdefault("merge_buffered", []).append(b_seconds)
+            rows.setdefault("merge_buffered_cpu", []).append(b_cpu)
+            rows.setdefault("peak_buffered", []).append(b_peak)
+            buffered = f", buffered merge {b_seconds:.2f} s (CPU {b_cpu:.2f} s)"
         print(f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s, CPU "
               f"{rows['copy_cpu'][-1]:.2f} s), read+write {rows['read+write'][-1]:.2f} s, merge {seconds:.2f} s (CPU {cpu:.2f} s), "
-              f"peak RSS {peak / 2**20:.0f} MiB (after import {floor / 2**20:.0f} MiB)", flush=True)
+              f"peak RSS {peak / 2**20:.0f} MiB (after import {floor / 2**20:.0f} MiB){buffered}, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     med = {key: statistics.median(values) for key, values in rows.items()}
     best = {key: min(values) for key, values in rows.items()}
     largest_f32 = 4 * INTERMEDIATE * HIDDEN
@@ -304,6 +320,15 @@ def main(argv=None):
           f"{(med['peak'] - med['floor']) / 2**20:.0f} MiB (largest shard "
           f"{largest_shard / 2**20:.0f} MiB, largest adapted tensor in float32 "
           f"{largest_f32 / 2**20:.0f} MiB)")
+    if args.buffered:
+        report["merge_buffered_s"] = med["merge_buffered"]
+        report["merge_buffered_cpu_s"] = med["merge_buffered_cpu"]
+        report["merge_buffered_vs_copy"] = med["copy"] / med["merge_buffered"]
+        report["merge_buffered_vs_copy_fsync"] = med["copy+fsync"] / med["merge_buffered"]
+        print(f"buffered merge (no O_DIRECT): {report['merge_buffered_vs_copy']:.2f}x a copy "
+              f"({report['merge_buffered_vs_copy_fsync']:.2f}x a synced copy; CPU "
+              f"{med['merge_buffered_cpu']:.2f} s)")
+    report["load_average"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -286,15 +286,14 @@ def test_a_failure_leaves_nothing(tmp_path, pair, monkeypatch, where):
         monkeypatch.setitem(_write._KERNELS, "BF16",
                             (np.uint16, failing_kernel, failing_kernel, np.float32))
     elif where == "second shard":
-        real = _write._Copier.copy
+        for sink in (_write._Copier, _write._DirectSink):  # buffered and O_DIRECT writes
+            def copy(self, offset, count, real=sink.copy):
+                calls.append(self.path.name)
+                if "00002" in self.path.name:
+                    raise OSError(28, "No space left on device")
+                real(self, offset, count)
 
-        def copy(self, offset, count):
-            calls.append(self.path.name)
-            if "00002" in self.path.name:
-                raise OSError(28, "No space left on device")
-            real(self, offset, count)
-
-        monkeypatch.setattr(_write._Copier, "copy", copy)
+            monkeypatch.setattr(sink, "copy", copy)
     else:
         def copyfile(src, dst):
             raise OSError(13, "Permission denied")
@@ -440,14 +439,13 @@ def test_a_failed_shard_stops_and_removes_the_others(tmp_path, pair, monkeypatch
     # The first shard's writer fails while the second shard is under way:
     # both temporary files go, and so does the staging directory.
     base, adapter, _ = pair
-    real = _write._Copier.copy
+    for sink in (_write._Copier, _write._DirectSink):  # buffered and O_DIRECT writes
+        def copy(self, offset, count, real=sink.copy):
+            if "00001" in self.path.name and offset > 0:
+                raise OSError(5, "Input/output error")
+            real(self, offset, count)
 
-    def copy(self, offset, count):
-        if "00001" in self.path.name and offset > 0:
-            raise OSError(5, "Input/output error")
-        real(self, offset, count)
-
-    monkeypatch.setattr(_write._Copier, "copy", copy)
+        monkeypatch.setattr(sink, "copy", copy)
     plan = checkpoint.plan_merge(base, adapter)
     (tmp_path / "staging").mkdir()
     with pytest.raises(OSError, match="Input/output error"):
@@ -471,6 +469,7 @@ def test_copying_through_user_space_with_concurrent_reads(tmp_path, rng, monkeyp
     base = write_checkpoint(tmp_path / "base", [tensors], index=False)
     adapter = write_adapter(tmp_path / "adapter", factors)
     checkpoint.merge(base, adapter, tmp_path / "kernel")
+    monkeypatch.setattr(_write, "DIRECT_IO", False)  # O_DIRECT writes read at explicit offsets
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     monkeypatch.setattr(_write, "_CHUNK", 512)
 
@@ -520,3 +519,43 @@ def test_a_writer_that_cannot_open_the_base_does_not_hang(tmp_path, rng, monkeyp
     with pytest.raises(PermissionError):
         checkpoint.merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["buffered", "direct refused at open", "direct refused at write"])
+def test_every_way_of_writing_gives_the_same_bytes(tmp_path, pair, monkeypatch, how):
+    # O_DIRECT where the file system takes it; otherwise (tmpfs refuses it at
+    # open, some file systems at the first write) buffered writes, same bytes.
+    base, adapter, _ = pair
+    reference = checkpoint_tensors(checkpoint.merge(base, adapter, tmp_path / "ref").out)
+    import errno
+
+    if how == "buffered":
+        monkeypatch.setattr(_write, "DIRECT_IO", False)
+    elif how == "direct refused at open" and hasattr(os, "O_DIRECT"):
+        real_open = os.open
+
+        def refusing_open(path, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(_write.os, "open", refusing_open)
+    elif hasattr(os, "O_DIRECT"):
+        real_pwrite, refused = os.pwrite, []
+
+        def refusing_pwrite(fd, data, offset):
+            import fcntl
+
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(_write.os, "pwrite", refusing_pwrite)
+    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    assert checkpoint_tensors(result.out) == reference
+    for shard in result.shards:
+        assert (result.out / shard).read_bytes() == (tmp_path / "ref" / shard).read_bytes()
+    if how == "direct refused at write" and hasattr(os, "O_DIRECT"):
+        assert refused and set(refused) == {0}  # one refusal per shard, then buffered
+    assert _leftovers(tmp_path) == []
