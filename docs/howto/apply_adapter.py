@@ -19,7 +19,7 @@ x = rng.standard_normal(in_features, dtype=np.float32)         # one vector
 X = rng.standard_normal((32, in_features), dtype=np.float32)   # a batch of rows
 y = layer(x)                                                   # (256,)
 Y = layer.forward_batch(X)                                     # (32, 256)
-H = layer(X.reshape(4, 8, in_features))                        # any leading shape: (4, 8, 256)
+H = layer(X.reshape(4, 8, in_features))                        # any leading shape
 
 # The same as the formula, in float64:
 A, B, s = (np.float64(v) for v in (layer.lora_a, layer.lora_b, layer.scaling))

@@ -8,8 +8,9 @@ from _files import make_adapter, make_base_model  # tiny stand-ins for real file
 from numba_lora import LoraAdapter
 
 tmp = tempfile.mkdtemp()
-base_dir = make_base_model(os.path.join(tmp, "base-model"))      # model.safetensors, config.json
-adapter_dir = make_adapter(os.path.join(tmp, "my-adapter"), base_dir)  # PEFT's two files
+# model.safetensors + config.json, and PEFT's two files:
+base_dir = make_base_model(os.path.join(tmp, "base-model"))
+adapter_dir = make_adapter(os.path.join(tmp, "my-adapter"), base_dir)
 
 # The base weights come from the model's own files (a directory, its
 # model.safetensors, or a sharded checkpoint's index); only the adapted
@@ -25,13 +26,15 @@ Y = adapter.forward_batch_layer(name, np.stack([x, x]))
 assert np.allclose(Y[0], y, rtol=1e-5, atol=1e-5)
 
 with adapter.disable_adapter():                       # the base model alone, as PEFT's
-    assert np.allclose(adapter.forward_layer(name, x), layer.weight @ x, rtol=1e-4, atol=1e-4)
+    y_base = adapter.forward_layer(name, x)
+assert np.allclose(y_base, layer.weight @ x, rtol=1e-4, atol=1e-4)
 
 adapter.merge_all(check_finite=True)                  # every W += scaling B A
 adapter.unmerge_all()
 
 # PEFT's names and the base model's name travel with it, so PEFT's
 # AutoPeftModel... loaders find the base.
-print(adapter.config.r, adapter.config.lora_alpha, adapter.config.base_model_name_or_path)
+config = adapter.config
+print(config.r, config.lora_alpha, config.base_model_name_or_path)
 adapter.save_peft(os.path.join(tmp, "my-adapter-copy"))
 print(sorted(os.listdir(os.path.join(tmp, "my-adapter-copy"))))

@@ -26,4 +26,5 @@ adapter = LoraAdapter.from_peft(adapter_dir, base_dir)
 adapter.merge_all()
 for name, layer in adapter.items():
     assert np.array_equal(merged[f"{name}.weight"], layer.weight)
-assert np.array_equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+embed = "model.embed_tokens.weight"
+assert np.array_equal(merged[embed], base[embed])

@@ -12,7 +12,7 @@ X = rng.standard_normal((16, 128), dtype=np.float32)
 before = layer.forward_batch(X)
 original = layer.weight.copy()
 
-layer.merge()                      # W += scaling * B @ A, in place: one dense product per call
+layer.merge()          # W += scaling * B @ A, in place: one dense product per call
 assert layer.is_merged
 assert np.allclose(layer.forward_batch(X), before, rtol=1e-4, atol=1e-4)
 

@@ -28,7 +28,8 @@ X = rng.standard_normal((6, in_features), dtype=np.float32)
 names = ["support", "code", None, "legal", "code", "tuned"]
 Y = layer.forward_batch(X, names)                # (6, 256)
 ids = [layer.adapter_names.index(n) if n else -1 for n in names]
-assert np.array_equal(layer.forward_batch(X, np.array(ids)), Y)   # or by index, -1 for none
+# or by index, -1 for none:
+assert np.array_equal(layer.forward_batch(X, np.array(ids)), Y)
 
 for row, name in enumerate(names):
     expected = W @ X[row]
