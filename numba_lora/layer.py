@@ -480,9 +480,10 @@ class LoraLinear(FrozenWeight):
 
         Parameters
         ----------
-        X : array_like, shape (batch, in_features)
-            Input rows (``batch`` may be 0); real input of another dtype is
-            converted to the layer's.  Not copied when it already has the
+        X : array_like, shape (..., in_features)
+            Input rows, e.g. (batch, in_features) or (batch, seq,
+            in_features); any number of rows, 0 included.  Real input of
+            another dtype is converted to the layer's.  Not copied when it already has the
             layer's dtype and is C-contiguous: do not write into it before
             the backward.
         dropout : float, optional
@@ -494,7 +495,7 @@ class LoraLinear(FrozenWeight):
             of it; pass one Generator across steps for a reproducible run).
             The mask keeps each element with probability ``1 - p``
             (``rng.random(X.shape) >= p``).
-        mask : array_like of bool, shape (batch, in_features), optional
+        mask : array_like of bool, X's shape, optional
             Use this dropout mask (True keeps) instead of drawing one, e.g.
             to replay a mask torch drew; needs ``dropout > 0`` (it gives the
             scale ``1 / (1 - p)``).  Kept elements are multiplied by
@@ -503,7 +504,7 @@ class LoraLinear(FrozenWeight):
 
         Returns
         -------
-        Y : ndarray, shape (batch, out_features)
+        Y : ndarray, shape (..., out_features)
         ctx : TrainContext
             For :meth:`backward` of this layer.
 
@@ -526,7 +527,11 @@ class LoraLinear(FrozenWeight):
         p = check_dropout(dropout)
         given_mask = mask
         X = self._as_input(X, "X")
-        check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        if X.ndim == 0 or X.shape[-1] != self.in_features:
+            raise LoraShapeError(
+                f"X must have shape (..., in_features={self.in_features}), got {X.shape}")
+        lead = X.shape[:-1]
+        X = X.reshape(-1, self.in_features)  # a view: X is C-contiguous
         batch = X.shape[0]
         mask = None
         keep = 1.0
@@ -537,7 +542,10 @@ class LoraLinear(FrozenWeight):
             given_mask = as_array(given_mask, "mask")
             if given_mask.dtype != np.bool_:
                 raise LoraDtypeError(f"mask must be a bool array, got dtype {given_mask.dtype}")
-            check_shape(given_mask, X.shape, "mask", ("batch", "in_features"))
+            if given_mask.shape != lead + (self.in_features,):
+                raise LoraShapeError(f"mask must have X's shape {lead + (self.in_features,)}, "
+                                     f"got {given_mask.shape}")
+            given_mask = given_mask.reshape(X.shape)
         if p > 0 and batch > 0 and self._enabled:
             if given_mask is None:
                 mask = dropout_mask(as_rng(rng), X.shape, p)
@@ -557,7 +565,8 @@ class LoraLinear(FrozenWeight):
             train_kernels.forward_train(self._W, self._A, self._B,
                                         self._scaling if lora else 0.0, X, XL, Y, H)
             version = self._version
-        return Y, TrainContext(self, version, X, XL, H, mask, p, keep, lora)
+        ctx = TrainContext(self, version, X, XL, H, mask, p, keep, lora, lead)
+        return Y.reshape(lead + (self.out_features,)), ctx
 
     def backward(self, dY: ArrayLike, ctx: TrainContext, *,
                  input_grad: bool = True) -> NDArray[np.floating] | None:
@@ -572,8 +581,9 @@ class LoraLinear(FrozenWeight):
 
         Parameters
         ----------
-        dY : array_like, shape (batch, out_features)
-            Gradient of the loss with respect to the forward's output.
+        dY : array_like, shape (..., out_features)
+            Gradient of the loss with respect to the forward's output (its
+            shape).
         ctx : TrainContext
             What this layer's :meth:`forward_train` returned.
         input_grad : bool, optional
@@ -583,7 +593,8 @@ class LoraLinear(FrozenWeight):
 
         Returns
         -------
-        ndarray, shape (batch, in_features), or None
+        ndarray, shape (..., in_features), or None
+            The shape of the forward's X.
 
         Raises
         ------
@@ -593,7 +604,7 @@ class LoraLinear(FrozenWeight):
         LoraTypeError
             If ``ctx`` is not a TrainContext of this layer.
         LoraShapeError
-            If ``dY`` is not (batch, out_features) with the forward's batch.
+            If ``dY`` does not have the forward output's shape.
 
         Notes
         -----
@@ -607,7 +618,12 @@ class LoraLinear(FrozenWeight):
                 f"{type(ctx).__name__}" + (" of another layer" if isinstance(ctx, TrainContext)
                                             else ""))
         dY = self._as_input(dY, "dY")
-        check_shape(dY, (ctx.batch, self.out_features), "dY", ("batch", "out_features"))
+        if dY.shape != ctx.lead + (self.out_features,):
+            raise LoraShapeError(
+                f"dY must have the forward output's shape {ctx.lead + (self.out_features,)}, "
+                f"got {dY.shape}")
+        dY = dY.reshape(ctx.batch, self.out_features)
+        shape = ctx.lead + (self.in_features,)
         with self._lock.read():
             if self._merged:
                 raise LoraStateError("cannot run backward on a merged layer; unmerge() first")
@@ -619,6 +635,7 @@ class LoraLinear(FrozenWeight):
             if not ctx.lora:
                 if input_grad:
                     np.matmul(dY, self._W, out=dX)
+                    dX = dX.reshape(shape)
                 return dX
             if self._grad_A is None:
                 self._grad_A = np.empty_like(self._A)
@@ -635,7 +652,7 @@ class LoraLinear(FrozenWeight):
                                                ctx.keep_scale, dX, self._grad_A, self._grad_B,
                                                beta)
             self._grads_valid = True
-        return dX
+        return None if dX is None else dX.reshape(shape)
 
     @property
     def grad_a(self) -> NDArray[np.floating] | None:

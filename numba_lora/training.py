@@ -72,6 +72,9 @@ class TrainContext:
 
     Attributes
     ----------
+    lead : tuple of int
+        The forward input's leading dimensions (``X.shape[:-1]``); the
+        arrays below hold its rows flattened, ``batch = prod(lead)``.
     X : ndarray, shape (batch, in_features)
         The input, in the layer's dtype (a read-only view).  When the
         caller's array already had the layer's dtype and was C-contiguous it
@@ -91,9 +94,10 @@ class TrainContext:
         backward then gives ``dX = dY @ W`` and no factor gradients).
     """
 
-    __slots__ = ("layer", "version", "_X", "_XL", "_H", "_mask", "dropout", "keep_scale", "lora")
+    __slots__ = ("layer", "version", "_X", "_XL", "_H", "_mask", "dropout", "keep_scale", "lora",
+                 "lead")
 
-    def __init__(self, layer, version, X, XL, H, mask, dropout, keep, lora):
+    def __init__(self, layer, version, X, XL, H, mask, dropout, keep, lora, lead=None):
         self.layer = layer
         self.version = version
         self._X = X
@@ -103,6 +107,7 @@ class TrainContext:
         self.dropout = dropout
         self.keep_scale = keep
         self.lora = lora
+        self.lead = (X.shape[0],) if lead is None else tuple(lead)
 
     @property
     def X(self):
@@ -122,7 +127,7 @@ class TrainContext:
 
     @property
     def batch(self) -> int:
-        """int: Rows of the forward's input."""
+        """int: Rows of the forward's input (all leading dimensions together)."""
         return self._X.shape[0]
 
     def __repr__(self):

@@ -330,3 +330,28 @@ def test_adapter_add_layer_takes_init(rng):
     with pytest.raises(LoraConfigError, match="init"):
         adapter.add_layer("fc2", W, init="olora")
     assert "fc2" not in adapter
+
+
+def test_leading_dimensions_are_rows(rng, dtype):
+    layer = make_layer(rng, dtype)
+    other = layer.copy()
+    X = rng.standard_normal((2, 3, 5)).astype(dtype)
+    dY = rng.standard_normal((2, 3, 6)).astype(dtype)
+    Y, ctx = layer.forward_train(X, dropout=0.3, rng=4)
+    assert Y.shape == (2, 3, 6) and ctx.lead == (2, 3) and ctx.batch == 6
+    assert ctx.mask.shape == (6, 5)
+    dX = layer.backward(dY, ctx)
+    assert dX.shape == (2, 3, 5)
+    Y2, ctx2 = other.forward_train(X.reshape(6, 5), dropout=0.3, mask=np.asarray(ctx.mask))
+    dX2 = other.backward(dY.reshape(6, 6), ctx2)
+    ref.assert_bitwise_equal(Y.reshape(6, 6), Y2)
+    ref.assert_bitwise_equal(dX.reshape(6, 5), dX2)
+    ref.assert_bitwise_equal(layer.grad_a, other.grad_a)
+    with pytest.raises(LoraShapeError, match="dY"):
+        layer.backward(dY.reshape(6, 6), ctx)
+    with pytest.raises(LoraShapeError, match="in_features"):
+        layer.forward_train(np.ones((2, 3, 4)))
+    with pytest.raises(LoraShapeError, match="in_features"):
+        layer.forward_train(np.float64(1.0))
+    y, ctx1 = layer.forward_train(np.ones(5, dtype))  # one vector
+    assert y.shape == (6,) and layer.backward(np.ones(6), ctx1).shape == (5,)
