@@ -24,7 +24,9 @@ is touched.  Storage (the contract :mod:`numba_lora.kernels.qlora` reads):
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .._config import EXACT_OPTIONS
 from ..errors import LoraConfigError, LoraNonFiniteError, LoraShapeError
@@ -55,6 +57,59 @@ _ROWS_PER_TASK = 8             # rows of out per task of the parallel dequantize
 _CODES_PER_TASK = 1 << 14      # elements per task of the parallel quantize
 
 
+# ------------------------------------------------ roundings callers cannot change
+# An @njit function without a fastmath option takes its caller's (Numba's
+# flag inheritance): when a user's fastmath=True function calls a kernel
+# here, Numba compiles the kernel (and every helper it calls) with the
+# caller's flags, and its fastmath pass then marks every float instruction
+# that has no flags yet.  LLVM would fuse a multiply and an add into one
+# rounding (contract), divide by multiplying with a reciprocal (arcp) and
+# fold NaN checks away (nnan); and the dispatcher keeps that compilation for
+# later calls of the same types, from Python too.  So every rounding-bearing
+# operation here is one of these intrinsics: the IEEE instruction carrying
+# the single flag ``nsz`` (no signed zeros), which the fastmath pass leaves
+# alone because the instruction already has a flag.  ``nsz`` changes no
+# result here: it only licenses folds with a constant zero operand, and no
+# operand below is a constant zero.  NaN and infinity are tested on the bits.
+_NSZ = ("nsz",)
+
+
+def _flagless(opname):
+    def typer(typingctx, a, b):
+        if not (isinstance(a, types.Float) and a == b):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return getattr(builder, opname)(args[0], args[1], flags=_NSZ)
+
+        return a(a, b), codegen
+    typer.__name__ = typer.__qualname__ = f"_exact_{opname}"
+    return intrinsic(typer)
+
+
+_add = _flagless("fadd")
+_sub = _flagless("fsub")
+_mul = _flagless("fmul")
+_div = _flagless("fdiv")
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The bits of a float32, as a uint32 (no float operation a flag could fold)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+@njit(**EXACT_OPTIONS)
+def _finite32(x):
+    return (_f32_bits(x) & np.uint32(_INF_BITS)) != np.uint32(_INF_BITS)
+
+
 @njit(**EXACT_OPTIONS)
 def _valid_blocksize(blocksize):
     return 32 <= blocksize <= 4096 and (blocksize & (blocksize - 1)) == 0
@@ -65,7 +120,7 @@ def _bounds(code):
     """The 15 float32 midpoints between consecutive code values."""
     bounds = np.empty(15, dtype=np.float32)
     for i in range(15):
-        bounds[i] = (code[i] + code[i + 1]) / np.float32(2)
+        bounds[i] = _div(_add(code[i], code[i + 1]), np.float32(2))
     return bounds
 
 
@@ -115,11 +170,11 @@ def _scaled_codes(W, start, count, factor, divide, bounds, q):
     one = np.float32(1)
     if divide:
         for i in range(count):
-            s = min(max(W[start + i] / factor, -one), one)
+            s = min(max(_div(W[start + i], factor), -one), one)
             q[i] = _nibble(s, bounds)
     else:
         for i in range(count):
-            s = min(max(W[start + i] * factor, -one), one)
+            s = min(max(_mul(W[start + i], factor), -one), one)
             q[i] = _nibble(s, bounds)
 
 
@@ -129,7 +184,7 @@ def _quantize_block(W, start, stop, full, absmax_b, bounds, pad, q, packed):
     clamped = max(absmax_b, _TINY)
     count = stop - start
     if full:
-        _scaled_codes(W, start, count, np.float32(1) / clamped, False, bounds, q)
+        _scaled_codes(W, start, count, _div(np.float32(1), clamped), False, bounds, q)
     else:
         _scaled_codes(W, start, count, clamped, True, bounds, q)
     if count % 2:  # only the last element of an odd n: padded with the code of 0.0
@@ -268,17 +323,17 @@ def _dequantize_row(packed, absmax, code, blocksize, e0, dst):
         stop = min(width, (b + 1) * blocksize - e0)
         scale = absmax[b]
         if e % 2 == 1 and j < stop:  # a low nibble first: step to a byte boundary
-            dst[j] = code[packed[e // 2] & 15] * scale
+            dst[j] = _mul(code[packed[e // 2] & 15], scale)
             j += 1
         k = (e0 + j) // 2
         while j + 1 < stop:
             byte = packed[k]
-            dst[j] = code[byte >> 4] * scale
-            dst[j + 1] = code[byte & 15] * scale
+            dst[j] = _mul(code[byte >> 4], scale)
+            dst[j + 1] = _mul(code[byte & 15], scale)
             j += 2
             k += 1
         if j < stop:  # a high nibble left over
-            dst[j] = code[packed[(e0 + j) // 2] >> 4] * scale
+            dst[j] = _mul(code[packed[(e0 + j) // 2] >> 4], scale)
             j += 1
 
 
@@ -379,10 +434,11 @@ def _dynamic_lut(nested_code, lut):
         raise LoraShapeError("lut must have 65536 entries")
     mid = np.empty(255, dtype=np.float32)
     for i in range(255):
-        mid[i] = np.float32(0.5) * (nested_code[i] + nested_code[i + 1])
+        mid[i] = _mul(np.float32(0.5), _add(nested_code[i], nested_code[i + 1]))
     c = 0
     for i in range(LUT_SIZE):
-        val = np.float32(-1) + (np.float32(2) * np.float32(i)) / np.float32(LUT_SIZE - 1)
+        val = _add(np.float32(-1), _div(_mul(np.float32(2), np.float32(i)),
+                                        np.float32(LUT_SIZE - 1)))
         while c < 255 and mid[c] < val:
             c += 1
         lut[i] = c
@@ -419,9 +475,8 @@ def dynamic_lut(nested_code, lut):
 @njit(**EXACT_OPTIONS)
 def _lut_index(s):
     """The bin of ``s`` in [-1, 1], as bitsandbytes computes it (float32 steps, truncated)."""
-    t = (s + np.float32(1)) * np.float32(0.5)
-    v = t * np.float32(LUT_SIZE - 1)
-    v = v + np.float32(0.5)
+    t = _mul(_add(s, np.float32(1)), np.float32(0.5))
+    v = _add(_mul(t, np.float32(LUT_SIZE - 1)), np.float32(0.5))
     i = int(v)
     return min(max(i, 0), LUT_SIZE - 1)
 
@@ -435,7 +490,7 @@ def _quantize_absmax_blocks(absmax, offset, lut, absmax_q, nested_absmax):
         stop = min(start + NESTED_BLOCKSIZE, n)
         m = np.float32(0)
         for i in range(start, stop):
-            a = abs(absmax[i] - offset)
+            a = abs(_sub(absmax[i], offset))
             if a > m:
                 m = a
         nested_absmax[b] = m
@@ -443,9 +498,9 @@ def _quantize_absmax_blocks(absmax, offset, lut, absmax_q, nested_absmax):
             for i in range(start, stop):
                 absmax_q[i] = 0
             continue
-        inv = one / m
+        inv = _div(one, m)
         for i in range(start, stop):
-            s = (absmax[i] - offset) * inv
+            s = _mul(_sub(absmax[i], offset), inv)
             s = min(max(s, -one), one)
             absmax_q[i] = lut[_lut_index(s)]
 
@@ -460,10 +515,10 @@ def _quantize_absmax(absmax, offset, lut, absmax_q, nested_absmax):
     if nested_absmax.shape[0] != (n + NESTED_BLOCKSIZE - 1) // NESTED_BLOCKSIZE:
         raise LoraShapeError("nested_absmax must have ceil(absmax.shape[0] / 256) elements")
     off = np.float32(offset)
-    if not np.isfinite(off):
+    if not _finite32(off):
         raise LoraNonFiniteError("offset must be finite")
     for i in range(n):
-        if not np.isfinite(absmax[i] - off):
+        if not _finite32(_sub(absmax[i], off)):
             raise LoraNonFiniteError("absmax - offset must be finite (inf or NaN in absmax?)")
     _quantize_absmax_blocks(absmax, off, lut, absmax_q, nested_absmax)
     return absmax_q
@@ -516,8 +571,7 @@ def _dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, out):
         raise LoraShapeError("nested_absmax must have ceil(absmax_q.shape[0] / 256) elements")
     off = np.float32(offset)
     for i in range(n):
-        v = nested_code[absmax_q[i]] * nested_absmax[i // NESTED_BLOCKSIZE]
-        out[i] = v + off
+        out[i] = _add(_mul(nested_code[absmax_q[i]], nested_absmax[i // NESTED_BLOCKSIZE]), off)
     return out
 
 

@@ -85,6 +85,49 @@ def user_float64(W, code, blocksize, packed, absmax):
     return K.quantize_nf4(W, code, blocksize, packed, absmax)
 
 
+# A user's fastmath=True function: Numba compiles the kernels it calls with
+# its flags (flag inheritance), and that compilation stays in the dispatcher.
+@njit(fastmath=True)
+def user_fastmath_roundtrip(W, code, blocksize, packed, absmax, out):
+    K.quantize_nf4(W, code, blocksize, packed, absmax)
+    K.dequantize_nf4(packed, absmax, code, blocksize, 0, out)
+    return out
+
+
+@njit(fastmath=True)
+def user_fastmath_double_quant(absmax, offset, nested_code, lut, q, nested, restored):
+    K.dynamic_lut(nested_code, lut)
+    K.quantize_absmax(absmax, offset, lut, q, nested)
+    K.dequantize_absmax(q, nested, nested_code, offset, restored)
+    return restored
+
+
+def test_fastmath_callers_get_the_same_bits(rng):
+    W = (rng.standard_normal((9, 333)) * 10.0 ** rng.uniform(-3, 3, (9, 1))).astype(np.float32)
+    packed, absmax = np.empty((W.size + 1) // 2, np.uint8), np.empty(47, np.float32)
+    out = np.empty(W.shape, np.float32)
+    user_fastmath_roundtrip(W.reshape(-1), CODE, 64, packed, absmax, out)
+    P, A = R.quantize(W, CODE, 64)
+    assert np.array_equal(packed, P) and np.array_equal(_bits(absmax), _bits(A))
+    assert np.array_equal(_bits(out), _bits(R.dequantize(P, A, CODE, 64, W.shape)))
+    a = (np.abs(rng.standard_normal(600)) * 10.0 ** rng.uniform(-3, 2)).astype(np.float32)
+    offset = R.mean_offset(a)
+    lut, q = np.empty(65536, np.uint8), np.empty(600, np.uint8)
+    nested, restored = np.empty(3, np.float32), np.empty(600, np.float32)
+    user_fastmath_double_quant(a, offset, DYN, lut, q, nested, restored)
+    Q, N = R.quantize_absmax(a, offset, DYN)
+    assert np.array_equal(lut, R.dynamic_lut(DYN))
+    assert np.array_equal(q, Q) and np.array_equal(_bits(nested), _bits(N))
+    assert np.array_equal(_bits(restored), _bits(R.restore_absmax(Q, N, DYN, offset)))
+    # NaN checks are on the bits: nnan cannot fold them away.
+    a[7] = np.nan
+    with pytest.raises(LoraNonFiniteError):
+        user_fastmath_double_quant(a, offset, DYN, lut, q, nested, restored)
+    W[3, 3] = np.inf
+    with pytest.raises(LoraNonFiniteError):
+        user_fastmath_roundtrip(W.reshape(-1), CODE, 64, packed, absmax, out)
+
+
 def test_user_njit_roundtrip_matches_reference(rng):
     W = rng.standard_normal((7, 45)).astype(np.float32)
     packed, absmax, out = user_roundtrip(W, CODE, 32)
