@@ -3,6 +3,8 @@
     python docs/bench/train_ratios.py [BATCH ...]      (default: 64 512)
     python docs/bench/train_ratios.py --repeats 15 64
     python docs/bench/train_ratios.py --threads 1 --clock cpu
+    OPENBLAS_NUM_THREADS=1 /path/to/torch/python docs/bench/train_ratios.py --torch \
+        --threads 1 --clock cpu             (PEFT on torch, side by side)
 
 ``--clock wall`` (default) times with ``time.perf_counter``; ``--clock cpu``
 with ``time.process_time`` (CPU seconds of the whole process), which on a
@@ -34,23 +36,24 @@ import argparse
 import os
 import time
 
-import numba
 import numpy as np
-from numba import njit, prange
 
-from numba_lora import LoraLinear
-from numba_lora.kernels import train as K
-from numba_lora.kernels._blas import blas_threads, set_blas_threads
+if __name__ != "__main__" or "--torch" not in __import__("sys").argv:
+    import numba
+    from numba import njit, prange
 
+    from numba_lora import LoraLinear
+    from numba_lora.kernels import train as K
+    from numba_lora.kernels._blas import blas_threads, set_blas_threads
 
-@njit(parallel=True, cache=True, nogil=True)
-def _pass_rows(P, G, M, V):
-    for i in prange(P.shape[0]):
-        for j in range(P.shape[1]):
-            g = G[i, j]
-            P[i, j] = P[i, j] + g
-            M[i, j] = M[i, j] + g
-            V[i, j] = V[i, j] + g
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pass_rows(P, G, M, V):
+        for i in prange(P.shape[0]):
+            for j in range(P.shape[1]):
+                g = G[i, j]
+                P[i, j] = P[i, j] + g
+                M[i, j] = M[i, j] + g
+                V[i, j] = V[i, j] + g
 
 
 def rw_pass(arrays):
@@ -138,15 +141,74 @@ def bench_adamw(repeats, rng, n=4096, rank=16):
           flush=True)
 
 
+def bench_torch(batches, repeats, threads, n=4096, rank=16):
+    """PEFT on torch, same shapes, against NumPy's dense products (run with torch's Python)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    base = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False))
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=32, target_modules=["0"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    W = model.base_model.model[0].base_layer.weight.detach().numpy()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    for batch in batches:
+        X = torch.from_numpy(rng.standard_normal((batch, n)).astype(np.float32))
+        Xg = X.clone().requires_grad_(True)
+        dY = torch.from_numpy(rng.standard_normal((batch, n)).astype(np.float32))
+        Xn, dYn = X.numpy(), dY.numpy()
+        Y, dX = np.empty((batch, n), np.float32), np.empty((batch, n), np.float32)
+
+        def dense2():
+            np.matmul(Xn, W.T, out=Y)
+            np.matmul(dYn, W, out=dX)
+
+        def dense1():
+            np.matmul(Xn, W.T, out=Y)
+
+        def peft_dx():
+            model(Xg).backward(dY)
+
+        def peft_no_dx():
+            model(X).backward(dY)
+
+        def peft_step():
+            model(Xg).backward(dY)
+            opt.step()
+            opt.zero_grad()
+
+        t = interleaved({"dense2": dense2, "dense1": dense1, "dx": peft_dx, "nodx": peft_no_dx,
+                         "step": peft_step}, repeats)
+        print(f"batch {batch:4d}: PEFT fwd+bwd {t['dx'] / t['dense2']:.3f}x | "
+              f"no dX {t['nodx'] / t['dense1']:.3f}x | fwd+bwd+AdamW "
+              f"{t['step'] / t['dense2']:.3f}x (of NumPy's dense products)", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("batches", nargs="*", type=int, default=[64, 512])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=sorted(CLOCK), default="wall")
+    parser.add_argument("--torch", action="store_true",
+                        help="time PEFT on torch instead (run with a Python that has torch and "
+                             "peft; set OPENBLAS_NUM_THREADS for NumPy's baseline)")
     args = parser.parse_args()
     global clock
     clock = CLOCK[args.clock]
+    if args.torch:
+        print(f"load before: {os.getloadavg()}", flush=True)
+        bench_torch(args.batches, args.repeats, args.threads)
+        print(f"load after: {os.getloadavg()}", flush=True)
+        return
     if args.threads is not None:
         set_blas_threads(args.threads)
         numba.set_num_threads(args.threads)
