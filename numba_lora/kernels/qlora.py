@@ -70,8 +70,9 @@ HAVE_AVX512 = "avx512f" in _compile_features()
 FAST_PATH = "avx512-vpermps" if HAVE_AVX512 else "portable"
 
 #: Bytes of float32 scratch per dequantized tile of W in the batched kernels
-#: (a few tiles' worth stays in L2 and L3 while sgemm reads them).
-TILE_BYTES = 1 << 20
+#: (256 rows of 4096: it stays in L3 while sgemm reads it; smaller tiles made
+#: sgemm pack X once per tile, 1 MiB tiles were 5-10% slower at 512 rows).
+TILE_BYTES = 4 << 20
 #: Batches up to this many rows: each thread dequantizes one row of W at a
 #: time and multiplies it in Numba; larger ones: tiles and BLAS.
 SMALL_BATCH = 16
@@ -505,15 +506,20 @@ def _build(tag, dot_groups, deq_groups):
             row_deq(packed, absmax, abase, code, blocksize, s, s + in_features, tile[r])
 
     def rows_small(packed, absmax, abase, code, blocksize, X, B, T, s_, out, r0, r1, wrow):
-        """out[:, r] = X @ deq(W)[r] for r0 <= r < r1, one row of W dequantized at a time.
+        """out[:, r] = X @ deq(W)[r] for r0 <= r < r1, two rows of W dequantized at a time.
 
-        ``wrow`` is (in_features,) scratch (it stays in L1); four rows of X
-        share each load of it.  Each sum is one float32 chain per lane.
+        ``wrow`` is (2, in_features) scratch (it stays in L1); a 2 x 4 block
+        of sums shares each load of two weights and four inputs.  Each sum is
+        one float32 chain per vector lane.
         """
         batch, in_features = X.shape
-        for r in range(r0, r1):
-            s = r * in_features
-            row_deq(packed, absmax, abase, code, blocksize, s, s + in_features, wrow)
+        for r in range(r0, r1, 2):
+            pair = min(2, r1 - r)
+            for h in range(pair):
+                s = (r + h) * in_features
+                row_deq(packed, absmax, abase, code, blocksize, s, s + in_features, wrow[h])
+            w0 = wrow[0]
+            w1 = wrow[1] if pair == 2 else wrow[0]
             b = 0
             while b + 4 <= batch:
                 x0, x1, x2, x3 = X[b], X[b + 1], X[b + 2], X[b + 3]
@@ -521,23 +527,41 @@ def _build(tag, dot_groups, deq_groups):
                 a1 = np.float32(0)
                 a2 = np.float32(0)
                 a3 = np.float32(0)
+                c0 = np.float32(0)
+                c1 = np.float32(0)
+                c2 = np.float32(0)
+                c3 = np.float32(0)
                 for k in range(in_features):
-                    w = wrow[k]
-                    a0 += w * x0[k]
-                    a1 += w * x1[k]
-                    a2 += w * x2[k]
-                    a3 += w * x3[k]
+                    u = w0[k]
+                    v = w1[k]
+                    a0 += u * x0[k]
+                    a1 += u * x1[k]
+                    a2 += u * x2[k]
+                    a3 += u * x3[k]
+                    c0 += v * x0[k]
+                    c1 += v * x1[k]
+                    c2 += v * x2[k]
+                    c3 += v * x3[k]
                 out[b, r] = a0 + _low_rank(B, r, T[b], s_)
                 out[b + 1, r] = a1 + _low_rank(B, r, T[b + 1], s_)
                 out[b + 2, r] = a2 + _low_rank(B, r, T[b + 2], s_)
                 out[b + 3, r] = a3 + _low_rank(B, r, T[b + 3], s_)
+                if pair == 2:
+                    out[b, r + 1] = c0 + _low_rank(B, r + 1, T[b], s_)
+                    out[b + 1, r + 1] = c1 + _low_rank(B, r + 1, T[b + 1], s_)
+                    out[b + 2, r + 1] = c2 + _low_rank(B, r + 1, T[b + 2], s_)
+                    out[b + 3, r + 1] = c3 + _low_rank(B, r + 1, T[b + 3], s_)
                 b += 4
             while b < batch:
                 xb = X[b]
                 a0 = np.float32(0)
+                c0 = np.float32(0)
                 for k in range(in_features):
-                    a0 += wrow[k] * xb[k]
+                    a0 += w0[k] * xb[k]
+                    c0 += w1[k] * xb[k]
                 out[b, r] = a0 + _low_rank(B, r, T[b], s_)
+                if pair == 2:
+                    out[b, r + 1] = c0 + _low_rank(B, r + 1, T[b], s_)
                 b += 1
 
     row_deq_tile = njit(**JIT_OPTIONS)(named(dequantize_tile, "dequantize_tile"))
@@ -547,7 +571,7 @@ def _build(tag, dot_groups, deq_groups):
         """out = X @ deq(W).T for few rows of X, rows of W spread over Numba's threads."""
         out_features = out.shape[1]
         for c in prange((out_features + ROW_CHUNK - 1) // ROW_CHUNK):
-            wrow = np.empty(X.shape[1], dtype=np.float32)
+            wrow = np.empty((2, X.shape[1]), dtype=np.float32)
             r0 = c * ROW_CHUNK
             rows_small(packed, absmax, 0, code, blocksize, X, B, T, s_, out, r0,
                        min(out_features, r0 + ROW_CHUNK), wrow)
@@ -558,7 +582,7 @@ def _build(tag, dot_groups, deq_groups):
         out_features = out.shape[1]
         in_features = X.shape[1]
         for c in prange((out_features + ROW_CHUNK - 1) // ROW_CHUNK):
-            wrow = np.empty(in_features, dtype=np.float32)
+            wrow = np.empty((2, in_features), dtype=np.float32)
             r0 = c * ROW_CHUNK
             r1 = min(out_features, r0 + ROW_CHUNK)
             b0 = (r0 * in_features) // blocksize

@@ -134,11 +134,11 @@ def test_forward_batch_matches_reference(batch, dq, path, rng):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dq", [False, True], ids=["absmax", "double-quant"])
 def test_batch_over_several_tiles(dq, path, rng):
-    # TILE_BYTES of float32 rows per tile: 2050 columns give 127 rows a tile,
-    # so 300 rows are three tiles, the last one short; 2050 % 64 != 0.
+    # TILE_BYTES of float32 rows per tile: at 2050 columns (2050 % 64 != 0),
+    # 1100 rows are three tiles, the last one short.
     rows = qlora.TILE_BYTES // (4 * 2050)
-    assert rows < 300
-    case = nf4_case(rng, 300, 2050, 64, rank=16, dq=dq)
+    assert 2 * rows < 1100 < 3 * rows
+    case = nf4_case(rng, 1100, 2050, 64, rank=16, dq=dq)
     X = rng.standard_normal((qlora.SMALL_BATCH + 1, 2050)).astype(np.float32)
     ref.assert_close(run(case, 0.5, X, dq, path), *expected(case, 0.5, X, dq), np.float32)
 
