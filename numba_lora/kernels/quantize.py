@@ -74,7 +74,7 @@ _CODES_PER_TASK = 1 << 14      # elements per task of the parallel quantize
 _NSZ = ("nsz",)
 
 
-def _flagless(opname):
+def _unrelaxed(opname):
     def typer(typingctx, a, b):
         if not (isinstance(a, types.Float) and a == b):
             return None
@@ -87,10 +87,10 @@ def _flagless(opname):
     return intrinsic(typer)
 
 
-_add = _flagless("fadd")
-_sub = _flagless("fsub")
-_mul = _flagless("fmul")
-_div = _flagless("fdiv")
+_add = _unrelaxed("fadd")
+_sub = _unrelaxed("fsub")
+_mul = _unrelaxed("fmul")
+_div = _unrelaxed("fdiv")
 
 
 @intrinsic
