@@ -15,22 +15,35 @@ float32(nested_code[absmax_q[b]] * nested_absmax[b // 256]) + offset``,
 each step rounded to float32; the ``_dq`` kernels compute it per block as
 they go (no ``nblocks`` temporary for the one-vector kernel).
 
-Order of the sums (float32 throughout).  One vector: per output row, the
-products ``w_j * x_j`` go into 16 float32 lanes (element ``j`` of a group
-of 16 into lane ``j % 16``; four groups in flight in four vector
-accumulators on the AVX-512 path, one scalar chain on the portable path),
-partial blocks and odd elements into a scalar; the lanes are added at the
-row's end.  Batches: W is dequantized tile by tile (``TILE_BYTES`` of
-float32 rows) into scratch, and each tile multiplied by BLAS's sgemm.  The
-low-rank term: ``t = A x`` (BLAS), then ``out += scaling * B t`` (BLAS,
-``beta = 1``), skipped when ``scaling == 0`` or ``rank == 0``.
+Order of the sums (float32 throughout; with ``reassoc`` on, LLVM may
+split a chain into vector lanes, so sums are not bit-reproducible across
+CPUs, only within 1e-5 of the float64 product relative to its terms).  One
+vector: per output row, the products ``w_j * x_j`` go into 16 float32 lanes
+(element ``j`` of a group of 16 into lane ``j % 16``; four groups in flight
+in four vector accumulators on the AVX-512 path, one chain on the portable
+path), partial blocks and odd elements into a scalar; the lanes are added
+at the row's end, then ``scaling * (B[i] . t)`` with ``t = A x``.  Batches
+of up to ``SMALL_BATCH`` rows: each thread dequantizes two rows of W at a
+time into L1 scratch and sums ``W[r] . X[b]`` for a 2 x 4 block of (r, b)
+(one chain per vector lane), then adds ``scaling * (B[r] . T[b])`` with
+``T = X A^T``; no BLAS, so one thread pool.  Larger batches: W is
+dequantized tile by tile (``TILE_BYTES`` of float32 rows) on the calling
+thread and each tile multiplied by BLAS's sgemm (its own order), then
+``out += scaling * (X A^T) B^T`` by sgemm with ``beta = 1``.  The low-rank
+term is skipped when ``scaling == 0`` or ``rank == 0``.
+
+Threads.  The one-vector and small-batch kernels run on Numba's threads
+only; the tiled kernel dequantizes on the calling thread and multiplies on
+BLAS's threads only.  Numba's and BLAS's threads taking turns within one
+call spin against each other (measured: 2-10x slower), so no kernel here
+mixes them.
 
 Speed.  The one-vector product is bound by looking 4-bit codes up in the
 16-value table.  On x86 with AVX-512 (checked at import from the features
 Numba compiles for) the lookup is one ``vpermps``: 16 nibbles -> 16 int32
 lane indices -> 16 weights per instruction, the block's table scaled by its
 absmax once per block.  Elsewhere a portable Numba loop does the lookup one
-nibble at a time (correct, about 4x slower).  :data:`FAST_PATH` names the
+nibble at a time (correct, several times slower).  :data:`FAST_PATH` names the
 path in use; ``_forward_nf4_portable`` and friends run the portable path on
 any CPU (the tests compare the two).
 """
@@ -278,17 +291,26 @@ def _scaled_table(code, scale, table):
 
 @njit(**JIT_OPTIONS)
 def _nf4_dot_portable(packed, byte0, absmax, b0, nblk, gpb, code, x, x0, acc):
-    """:func:`_nf4_dot_avx512` one nibble at a time (the 16 lanes summed in one chain)."""
+    """:func:`_nf4_dot_avx512` with the lookups one nibble at a time.
+
+    Each group's 16 weights go to a small buffer, then into the 16 lanes of
+    ``acc`` (element ``j`` of a group into lane ``j``, as on the AVX-512
+    path): the lane loop vectorises where a single chain over the lookups
+    would wait on each addition.
+    """
     table = np.empty(_LANES, dtype=np.float32)
-    s = np.float32(0)
+    buf = np.empty(_LANES, dtype=np.float32)
     for k in range(nblk):
         _scaled_table(code, absmax[b0 + k], table)
-        first = (k * gpb) * 8
-        for t in range(gpb * 8):
-            byte = np.int64(packed[byte0 + first + t])
-            j = x0 + 2 * (first + t)
-            s += table[byte >> 4] * x[j] + table[byte & 15] * x[j + 1]
-    acc[0] += s
+        for g in range(k * gpb, (k + 1) * gpb):
+            first = byte0 + 8 * g
+            for h in range(8):
+                byte = np.int64(packed[first + h])
+                buf[2 * h] = table[byte >> 4]
+                buf[2 * h + 1] = table[byte & 15]
+            base = x0 + 16 * g
+            for lane in range(_LANES):
+                acc[lane] += buf[lane] * x[base + lane]
 
 
 @njit(**JIT_OPTIONS)
