@@ -10,7 +10,10 @@ vectorise reductions) and ``contract`` (it may fuse multiply-adds), but with
 assume no NaN or infinity ever occurs (numba issues #2919 and #9383).
 
 ``EXACT_OPTIONS``, no fastmath at all, for code whose every rounding is part
-of its contract:
+of its contract.  ``fastmath=False`` is spelled out: a function compiled
+without the option takes its caller's flags, so a user's
+``@njit(fastmath=True)`` function calling ``kernels.merge`` would compile a
+contracted, reassociated merge (and write it to the disk cache):
 
 - merge and unmerge, whose per-element order (a fused multiply-add chain
   over the rank, then one product with the scaling, then one addition) is
@@ -31,4 +34,4 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 JIT_OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 
 #: Options for code that must round exactly as written (merge, finiteness).
-EXACT_OPTIONS = dict(cache=True, nogil=True)
+EXACT_OPTIONS = dict(cache=True, nogil=True, fastmath=False)

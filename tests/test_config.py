@@ -46,7 +46,7 @@ def test_options_come_from_config(name):
     options.pop("parallel", None)     # a per-kernel choice
     fastmath = options.pop("fastmath", None)
     assert options == {"nogil": True}, options
-    if fastmath is None:
+    if fastmath is False:
         expected = _config.EXACT_OPTIONS
     else:
         assert set(fastmath) == set(_config.FASTMATH), fastmath

@@ -422,3 +422,25 @@ def test_stacked_kernels_reject_shapes(rng):
         kernels.forward_batch_stacked(WA, B, 1.0, np.ones((2, 5)), np.empty((3, 6)))
     with pytest.raises(LoraShapeError):
         kernels.forward_stacked(WA[:3], np.ones((1, 9)), 1.0, np.ones(5), np.empty(6))
+
+
+@njit(fastmath=True)
+def _user_fastmath_merge(W, A, B, scaling):
+    kernels.merge(W, A, B, scaling)
+    kernels.unmerge_serial(W, A, B, scaling)
+    kernels.merge_serial(W, A, B, scaling)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_kernels_keep_their_rounding_inside_a_fastmath_caller(dtype):
+    # A function compiled without a fastmath option takes its caller's flags;
+    # EXACT_OPTIONS spells out fastmath=False so the merge stays exact.
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((24, 40)).astype(dtype)
+    A = rng.standard_normal((8, 40)).astype(dtype)
+    B = rng.standard_normal((24, 8)).astype(dtype)
+    merged = ref.merged_exact(W, A, B, 0.37, +1)
+    expected = ref.merged_exact(ref.merged_exact(merged, A, B, 0.37, -1), A, B, 0.37, +1)
+    got = W.copy()
+    _user_fastmath_merge(got, A, B, 0.37)
+    ref.assert_bitwise_equal(got, expected)
