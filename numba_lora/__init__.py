@@ -6,6 +6,11 @@ The public surface:
   be merged into its weight and unmerged again;
 - :class:`LoraAdapter` and :class:`LoraConfig`, the layers of a whole
   adapter, read from and written to PEFT's file format;
+- :class:`QLoraLinear`, the same over a 4-bit NF4 base weight (QLoRA,
+  bit-compatible with bitsandbytes; the format in :mod:`numba_lora.nf4`);
+- training: :meth:`LoraLinear.forward_train` / :meth:`LoraLinear.backward`,
+  :class:`AdamW`, :class:`SGD` and :func:`clip_grad_norm`
+  (:mod:`numba_lora.optim`, :mod:`numba_lora.training`);
 - :mod:`numba_lora.kernels`, the ``@njit`` kernels behind it, callable from
   your own ``@njit`` code;
 - the exceptions in :mod:`numba_lora.errors`, rooted at :class:`LoraError`.
@@ -46,6 +51,9 @@ from .errors import (  # noqa: E402
 from ._threads import get_num_threads, set_num_threads  # noqa: E402
 from .layer import LoraLinear  # noqa: E402
 from .multi import MultiLoraLinear  # noqa: E402
+from . import nf4, optim, training  # noqa: E402
+from .optim import SGD, AdamW, clip_grad_norm  # noqa: E402
+from .qlora import QLoraLinear  # noqa: E402
 
 
 def _version():
@@ -66,7 +74,14 @@ __all__ = [
     "LoraAdapter",
     "AdapterSummary",
     "MultiLoraLinear",
+    "QLoraLinear",
+    "AdamW",
+    "SGD",
+    "clip_grad_norm",
     "kernels",
+    "nf4",
+    "optim",
+    "training",
     "clear_cache",
     "set_num_threads",
     "get_num_threads",

@@ -28,6 +28,7 @@ Example
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 
@@ -83,7 +84,7 @@ def _real(value, what, low=None, high=None, low_open=False, high_open=True):
     return out
 
 
-class _Optimizer:
+class _Optimizer(abc.ABC):
     """What AdamW and SGD share: groups, tensors, per-tensor state, (de)serialisation."""
 
     _HYPER = ()        # names of a group's hyperparameters, besides "params"
@@ -128,8 +129,9 @@ class _Optimizer:
                     yield k, group, layer, f
                     k += 1
 
-    def _check_group(self, group, i):  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _check_group(self, group, i):
+        """Refuse a parameter group whose settings are out of range (each optimizer's own)."""
 
     def _check_all(self):
         for i, group in enumerate(self.param_groups):

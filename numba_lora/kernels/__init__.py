@@ -135,6 +135,54 @@ __all__ += [
     "widen_f16",
     "round_f16",
 ]
+from .train import (  # noqa: E402
+    adamw_step,
+    adamw_step_serial,
+    apply_dropout,
+    backward,
+    backward_dropout,
+    backward_factors,
+    forward_train,
+    sgd_step,
+    sgd_step_serial,
+)
+
+__all__ += [
+    "forward_train",
+    "apply_dropout",
+    "backward",
+    "backward_dropout",
+    "backward_factors",
+    "adamw_step",
+    "adamw_step_serial",
+    "sgd_step",
+    "sgd_step_serial",
+]
+from .quantize import (  # noqa: E402
+    dequantize_absmax,
+    dequantize_nf4,
+    dequantize_nf4_serial,
+    quantize_absmax,
+    quantize_nf4,
+)
+from .qlora import (  # noqa: E402
+    forward_batch_nf4,
+    forward_batch_nf4_dq,
+    forward_nf4,
+    forward_nf4_dq,
+)
+
+__all__ += [
+    "quantize_nf4",
+    "dequantize_nf4",
+    "dequantize_nf4_serial",
+    "quantize_absmax",
+    "dequantize_absmax",
+    "forward_nf4",
+    "forward_batch_nf4",
+    "forward_nf4_dq",
+    "forward_batch_nf4_dq",
+]
 
 # Calls from Python with arguments Numba cannot type or lower (a dict, float16,
 # a big-endian array) raise a LoraError too, not a Numba error.

@@ -201,6 +201,8 @@ def python_errors(dispatcher):
     array was touched.  Calls from ``@njit`` code are typed by Numba itself
     and keep Numba's errors for such types.
     """
+    if getattr(dispatcher, "_lora_python_errors", False):
+        return dispatcher
     kernel = dispatcher.__name__
     names = tuple(inspect.signature(dispatcher.py_func).parameters)
     compile_for_args = dispatcher._compile_for_args
@@ -220,6 +222,7 @@ def python_errors(dispatcher):
             raise found from exc
 
     dispatcher._compile_for_args = _compile_for_args
+    dispatcher._lora_python_errors = True
     return dispatcher
 
 
