@@ -85,6 +85,7 @@ class LoraLinear(FrozenWeight):
           ``save_pretrained(path_initial_model_for_weight_conversion=...)``
           does (rank ``2 r``: ``A' = [A; A0]``, ``B' = [B, -B0]``, alpha
           doubled, or times ``sqrt(2)`` with rsLoRA).
+
         ``seed`` drives the random ones.
 
     Attributes
