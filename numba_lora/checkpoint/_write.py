@@ -1,13 +1,18 @@
 """Writing a merged checkpoint: one shard at a time, staged, renamed into place.
 
 A shard is written in one pass over its base file: the header and every
-byte of a tensor that does not change are copied as they are (in the
-kernel, ``os.copy_file_range``, where it can); a tensor that changes is
-read into one buffer of its stored dtype, merged in place by a kernel, and
-written back at the same offset.  So the output has the base's header, byte
-layout and dtypes, and the memory a shard needs is its largest adapted
-tensor, in its stored dtype (bfloat16 and float16 are merged as bits,
-through float32 tiles).
+byte of a tensor that does not change are copied as they are; a tensor that
+changes is read into one buffer of its stored dtype, merged in place by a
+kernel, and written back at the same offset.  So the output has the base's
+header, byte layout and dtypes, and the memory a shard needs is its largest
+adapted tensor, in its stored dtype (bfloat16 and float16 are merged as
+bits, through float32 tiles).
+
+The bytes go to the disk with ``O_DIRECT`` through one aligned chunk
+(:class:`_DirectSink`) where the file system takes it, which spares the
+CPU the page cache's copy and bookkeeping (on the benchmark, 3.6x less CPU
+than buffered writes); otherwise through the page cache (:class:`_Copier`:
+unchanged bytes by ``os.copy_file_range`` where it can).
 
 All output goes to a staging directory beside ``out``, each shard to a
 temporary name renamed when complete; the staging directory becomes
