@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from ..errors import LoraConfigError
 from ..layer import LoraLinear
 from .report import Progress
 from .timing import current_threads, interleaved, set_threads
 
 __all__ = ["Result", "run_case", "run", "DEFAULT_SHAPES", "DEFAULT_RANKS", "DEFAULT_BATCHES",
-           "MULTI_CASES", "ALPHA"]
+           "MULTI_CASES", "ALPHA", "OPS", "QLORA_LAYERS"]
 
 DEFAULT_SHAPES = ((4096, 4096),)
 DEFAULT_RANKS = (16,)
@@ -163,7 +164,102 @@ def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
         return _merge_cases(layer, base, budget_s)
     if op in MULTI_CASES:
         return [_multi_case(op, layer, rng, base, budget_s)]
-    raise ValueError(f"op must be 'forward', 'merge', 'multi_mixed' or 'multi_per_row', got {op!r}")
+    if op == "qlora":
+        return [_qlora_case(layer, rng, batch, base, budget_s)]
+    if op == "train":
+        return [_train_case(layer, rng, batch, base, budget_s)]
+    raise LoraConfigError(f"op must be one of {', '.join(repr(o) for o in OPS)}, got {op!r}")
+
+
+#: The ops :func:`run_case` knows.
+OPS = ("forward", "merge", "multi_mixed", "multi_per_row", "qlora", "train")
+
+#: Distinct layers the NF4 case cycles over: 4 x 9 MiB of NF4 data cannot all
+#: stay in a 32 MiB L3, as the 64 MiB float32 W cannot, so both sides of the
+#: ratio read memory.
+QLORA_LAYERS = 4
+
+
+def _qlora_case(layer, rng, batch, base, budget_s):
+    """NF4 base (blocksize 64) + the same float32 LoRA factors, against the float32 product."""
+    import itertools
+
+    from .. import nf4
+    from ..qlora import QLoraLinear
+
+    A, B = np.asarray(layer.lora_a, np.float32), np.asarray(layer.lora_b, np.float32)
+    s = np.float32(layer.scaling)
+    Ws, qlayers = [], []
+    for k in range(QLORA_LAYERS):
+        W = np.ascontiguousarray(layer.weight, np.float32) if k == 0 else (
+            rng.standard_normal(layer.weight.shape) / np.sqrt(layer.in_features)
+        ).astype(np.float32)
+        q = QLoraLinear(W, layer.rank, layer.alpha, seed=rng)
+        q.set_lora_a(A)
+        q.set_lora_b(B)
+        Ws.append(W)
+        qlayers.append(q)
+    shape = (layer.in_features,) if batch == 1 else (batch, layer.in_features)
+    X = rng.standard_normal(shape).astype(np.float32)
+    out = np.empty(shape[:-1] + (layer.out_features,), np.float32)
+    nxt_q, nxt_w, nxt_np = (itertools.cycle(range(QLORA_LAYERS)) for _ in range(3))
+    if batch == 1:
+        def lora():
+            qlayers[next(nxt_q)].forward(X, out=out)
+
+        def dense():
+            np.matmul(Ws[next(nxt_w)], X, out=out)
+    else:
+        def lora():
+            qlayers[next(nxt_q)].forward_batch(X, out=out)
+
+        def dense():
+            np.matmul(X, Ws[next(nxt_w)].T, out=out)
+
+    def numpy_way():
+        # What a user without a fused kernel does (bitsandbytes' CPU matmul_4bit):
+        # dequantize all of W, then the float32 product.
+        q = qlayers[next(nxt_np)]
+        W = nf4.dequantize(q.quantized)
+        return X @ W.T + s * ((X @ A.T) @ B.T)
+
+    (t_lora, t_np, t_dense), reps = interleaved([lora, numpy_way, dense], budget_s)
+    base = dict(base, dtype="nf4")
+    return Result("qlora_forward", batch=batch, repeats=reps, numba_lora_s=t_lora, numpy_s=t_np,
+                  dense_s=t_dense, baseline="dense float32", **base)
+
+
+def _train_case(layer, rng, batch, base, budget_s):
+    """forward_train + backward (with dX) against the two dense products X @ W.T and dY @ W."""
+    W, A, B, s, dtype = layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.dtype
+    X = rng.standard_normal((batch, layer.in_features)).astype(dtype)
+    dY = rng.standard_normal((batch, layer.out_features)).astype(dtype)
+    Y0 = np.empty((batch, layer.out_features), dtype)
+    dX0 = np.empty((batch, layer.in_features), dtype)
+
+    def lora():
+        Y, ctx = layer.forward_train(X)
+        layer.backward(dY, ctx)
+
+    def numpy_way():
+        T = X @ A.T
+        Y = X @ W.T + s * (T @ B.T)
+        G = dY @ B
+        dB = s * (dY.T @ T)
+        dA = s * (G.T @ X)
+        dX = dY @ W + s * (G @ A)
+        return Y, dA, dB, dX
+
+    def dense():
+        np.matmul(X, W.T, out=Y0)
+        np.matmul(dY, W, out=dX0)
+
+    try:
+        (t_lora, t_np, t_dense), reps = interleaved([lora, numpy_way, dense], budget_s)
+    finally:
+        layer.zero_grad()
+    return Result("train", batch=batch, repeats=reps, numba_lora_s=t_lora, numpy_s=t_np,
+                  dense_s=t_dense, baseline="X @ W.T and dY @ W", **base)
 
 
 def _forward_case(layer, rng, batch, base, budget_s):
@@ -318,7 +414,7 @@ def _peft_batches(W, factors, ids, X):
     return [mixed, single]
 
 
-def _plan(shapes, ranks, dtypes, batches, threads, merge, multi):
+def _plan(shapes, ranks, dtypes, batches, threads, merge, multi, quant=None, train=False):
     """Every case to run, in order: (threads, op, shape, rank, dtype, batch)."""
     plan = []
     for n in threads:
@@ -327,6 +423,12 @@ def _plan(shapes, ranks, dtypes, batches, threads, merge, multi):
                 for rank in ranks:
                     for batch in batches:
                         plan.append((n, "forward", shape, rank, dtype, batch))
+                    if quant == "nf4" and dtype == "float32":
+                        for batch in batches:
+                            plan.append((n, "qlora", shape, rank, dtype, batch))
+                    if train:
+                        for batch in batches:
+                            plan.append((n, "train", shape, rank, dtype, batch))
                     if merge:
                         plan.append((n, "merge", shape, rank, dtype, 0))
                     if multi:
@@ -337,7 +439,7 @@ def _plan(shapes, ranks, dtypes, batches, threads, merge, multi):
 
 def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
         batches=DEFAULT_BATCHES, threads=(None,), merge=True, multi=False, budget_s=1.0,
-        progress=True):
+        progress=True, quant=None, train=False):
     """Run every combination; return a list of :class:`Result`.
 
     Parameters
@@ -361,6 +463,13 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
         Seconds of timing per case.
     progress : bool, default True
         Show progress on stderr.
+    quant : {None, "nf4"}, default None
+        ``"nf4"``: also time :class:`~numba_lora.QLoraLinear`'s forwards
+        (float32 only) against the float32 product, cycling over
+        :data:`QLORA_LAYERS` layers.
+    train : bool, default False
+        Also time ``forward_train`` + ``backward`` against the two dense
+        products ``X @ W.T`` and ``dY @ W``.
 
     Returns
     -------
@@ -371,12 +480,16 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
     --------
     run_case : One case.
     """
-    plan = _plan(shapes, ranks, dtypes, batches, threads, merge, multi)
+    if quant not in (None, "nf4"):
+        raise LoraConfigError(f"quant must be None or 'nf4', got {quant!r}")
+    plan = _plan(shapes, ranks, dtypes, batches, threads, merge, multi, quant, train)
     bar = Progress(len(plan)) if progress else None
     results = []
     for n, op, shape, rank, dtype, batch in plan:
         if bar:
-            what = {"merge": "merge/unmerge", "forward": f"forward batch={batch}"}.get(op, op)
+            what = {"merge": "merge/unmerge", "forward": f"forward batch={batch}",
+                    "qlora": f"NF4 forward batch={batch}",
+                    "train": f"train batch={batch}"}.get(op, op)
             bar.step(f"{what} {shape[0]}x{shape[1]} r={rank} {dtype}"
                      + (f" threads={n}" if n else ""))
         restore = set_threads(n) if n else None

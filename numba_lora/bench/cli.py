@@ -126,6 +126,11 @@ def add_arguments(p):
     p.add_argument("--no-merge", action="store_true", help="skip merge/unmerge")
     p.add_argument("--no-multi", action="store_true",
                    help=f"skip the multi-adapter cases ({rows})")
+    p.add_argument("--quant", choices=["nf4"], default=None,
+                   help="also time QLoraLinear (NF4 base, blocksize 64) against the float32 "
+                        "product, cycling over 4 layers (float32 only)")
+    p.add_argument("--train", action="store_true",
+                   help="also time forward_train + backward against X @ W.T + dY @ W")
     p.add_argument("--budget", type=_seconds, default=1.0,
                    help="seconds of timing per case, > 0 (default 1.0)")
     p.add_argument("--cold-start", action="store_true",
@@ -190,7 +195,8 @@ def execute(args, p):
     try:
         results = run(shapes=shapes, ranks=args.rank, dtypes=args.dtype, batches=args.batch,
                       threads=args.threads or [None], merge=not args.no_merge,
-                      multi=not args.no_multi, budget_s=args.budget)
+                      multi=not args.no_multi, budget_s=args.budget, quant=args.quant,
+                      train=args.train)
     except MemoryError as exc:
         p.error(f"argument --shape: not enough memory for the cases asked for ({exc})")
     report = dict(machine=machine_info(), results=[asdict(r) for r in results])

@@ -86,6 +86,11 @@ def format_table(results):
     notes = {
         "dense": "forward rows: the dense W @ x / X @ W.T into a preallocated output",
         "copy of W": "merge rows: np.copyto of W (one read and one write of W)",
+        "dense float32": ("qlora_forward rows (NF4 base, float32 factors): the float32 "
+                          "W @ x / X @ W.T on the same shape; both sides cycle over "
+                          "4 layers so neither sits in the cache"),
+        "X @ W.T and dY @ W": ("train rows (forward_train + backward with dX): the two dense "
+                               "products X @ W.T and dY @ W into preallocated outputs"),
     }
     lines.append("times are medians; baseline =")
     for name in baselines:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from numba_lora import LoraConfigError
 from numba_lora.bench import cases, timing
 
 
@@ -45,5 +46,30 @@ def test_merge_case_baseline_is_a_copy():
 
 
 def test_unknown_case():
-    with pytest.raises(ValueError, match="op must be"):
+    with pytest.raises(LoraConfigError, match="op must be"):
         cases.run_case("transpose", (8, 8), 2, "float32", budget_s=0.0)
+    with pytest.raises(LoraConfigError, match="quant"):
+        cases.run(shapes=[(8, 8)], ranks=[2], batches=[1], quant="int8", progress=False)
+
+
+def test_plan_with_nf4_and_training():
+    plan = cases._plan([(8, 8)], [2], ["float32", "float64"], [1, 4], [None], merge=False,
+                       multi=False, quant="nf4", train=True)
+    ops = [(op, dtype, batch) for _, op, _, _, dtype, batch in plan]
+    # NF4 rows only for float32 (QLoraLinear computes in float32).
+    assert ("qlora", "float32", 4) in ops and not any(op == "qlora" and d == "float64"
+                                                      for op, d, _ in ops)
+    assert ("train", "float64", 1) in ops and ("train", "float32", 4) in ops
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_qlora_case_cycles_layers_and_reports_a_ratio(batch):
+    (row,) = cases.run_case("qlora", (16, 64), 2, "float32", batch=batch, budget_s=0.0)
+    assert row.op == "qlora_forward" and row.dtype == "nf4" and row.batch == batch
+    assert row.baseline == "dense float32" and np.isfinite(row.ratio) and row.ratio > 0
+
+
+def test_train_case_reports_a_ratio():
+    (row,) = cases.run_case("train", (16, 24), 2, "float64", batch=3, budget_s=0.0)
+    assert row.op == "train" and row.baseline == "X @ W.T and dY @ W"
+    assert np.isfinite(row.ratio) and row.ratio > 0
