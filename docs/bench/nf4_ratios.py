@@ -8,9 +8,16 @@ Usage::
 Every timing loop cycles over ``--layers`` distinct layers (each its own
 float32 W and its own NF4 data), so neither the float32 W (64 MiB at
 4096 x 4096) nor the NF4 data (9 MiB) is served from the last-level cache
-by the previous call.  NF4 calls and NumPy calls are interleaved, one call
-each per step, and the table shows the median time per call of each and
-the ratio of the medians.  Rows 1 is ``forward_nf4`` against ``W @ x``;
+by the previous call.  NF4 calls and NumPy calls are interleaved in bursts
+(every layer once through one, then every layer once through the other),
+and the table shows the median time per call of each, the ratio of the
+medians, and the median of the first call of each burst on its own: that
+call pays for the other library's threads still spinning on the cores
+(OpenBLAS's workers spin for up to ~0.1 s after a product, Numba's OpenMP
+workers for a while after a parallel loop), which on a 2-core machine can
+cost more than the product itself.  ``--gap`` (default 0.2 s) sleeps before
+each burst so that those threads are asleep; ``--gap 0`` shows the cost of
+switching back to back.  Rows 1 is ``forward_nf4`` against ``W @ x``;
 more rows are ``forward_batch_nf4`` against ``X @ W.T``.  The NF4 kernels
 include the rank-``--rank`` LoRA term; NumPy's product does not (it is the
 bare base product the targets are stated against).
@@ -71,6 +78,9 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15,
                         help="timed passes over all layers (median over passes x layers)")
+    parser.add_argument("--gap", type=float, default=0.2,
+                        help="seconds of sleep before each burst, so that the other library's "
+                             "threads have stopped spinning (0: back to back)")
     parser.add_argument("--dq", action="store_true", help="time the double-quant kernels")
     parser.add_argument("--portable", action="store_true",
                         help="time the portable path, not the AVX-512 one")
@@ -119,8 +129,10 @@ def main():
           f"path {'portable' if args.portable else qlora.FAST_PATH}"
           f"{', double quant' if args.dq else ''}; NF4 bytes / float32 bytes = "
           f"{nf4_bytes / (4 * o * i):.4f}")
-    print(f"# load before: {os.getloadavg()[0]:.2f}")
-    print(f"{'rows':>6} {'nf4 ms':>9} {'numpy ms':>9} {'ratio':>7}")
+    print(f"# load before: {os.getloadavg()[0]:.2f}; gap {args.gap} s; Numba threads "
+          f"{__import__('numba').get_num_threads()}")
+    print(f"{'rows':>6} {'nf4 ms':>9} {'numpy ms':>9} {'ratio':>7} {'nf4 1st':>9} "
+          f"{'numpy 1st':>9}")
     for rows in args.rows:
         X = (rng.standard_normal(i, dtype=np.float32) if rows == 1 else
              rng.standard_normal((rows, i), dtype=np.float32))
@@ -129,18 +141,25 @@ def main():
         for layer in layers:  # compile and warm up
             nf4_call(layer, X, out_n)
             dense_call(layer, X, out_d)
-        t_n, t_d = [], []
+        t_n, t_d, first_n, first_d = [], [], [], []
         for _ in range(args.repeats):
-            for layer in layers:
+            # Bursts: every layer once through the NF4 kernel, then every
+            # layer once through NumPy.  The first call of a burst pays for
+            # the other thread pool still spinning (see the module doc); it
+            # is kept in the medians and also shown on its own.
+            time.sleep(args.gap)
+            for k, layer in enumerate(layers):
                 t0 = time.perf_counter()
                 nf4_call(layer, X, out_n)
-                t1 = time.perf_counter()
+                (first_n if k == 0 else t_n).append(time.perf_counter() - t0)
+            time.sleep(args.gap)
+            for k, layer in enumerate(layers):
+                t0 = time.perf_counter()
                 dense_call(layer, X, out_d)
-                t2 = time.perf_counter()
-                t_n.append(t1 - t0)
-                t_d.append(t2 - t1)
-        mn, md = np.median(t_n), np.median(t_d)
-        print(f"{rows:>6} {1e3 * mn:>9.3f} {1e3 * md:>9.3f} {mn / md:>7.3f}")
+                (first_d if k == 0 else t_d).append(time.perf_counter() - t0)
+        mn, md = np.median(t_n + first_n), np.median(t_d + first_d)
+        print(f"{rows:>6} {1e3 * mn:>9.3f} {1e3 * md:>9.3f} {mn / md:>7.3f} "
+              f"{1e3 * np.median(first_n):>9.3f} {1e3 * np.median(first_d):>9.3f}")
     print(f"# load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -868,8 +868,10 @@ def forward_nf4(packed, absmax, code, blocksize, A, B, scaling, x, out):
 def forward_batch_nf4(packed, absmax, code, blocksize, A, B, scaling, X, out):
     """A batch of rows over an NF4 weight: ``out = X @ deq(W).T + scaling * (X @ A.T) @ B.T``.
 
-    W is dequantized a tile of rows at a time (``TILE_BYTES`` of float32
-    scratch, never all of W) and each tile multiplied by BLAS.
+    Up to ``SMALL_BATCH`` rows, each of Numba's threads dequantizes two rows
+    of W at a time and multiplies them in Numba; larger batches dequantize a
+    tile of rows at a time (``TILE_BYTES`` of float32 scratch, never all of
+    W) and multiply each tile by BLAS's sgemm.
 
     Parameters
     ----------
