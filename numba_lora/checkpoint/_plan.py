@@ -138,11 +138,10 @@ def _candidates(module):
     return [module, other]
 
 
-def _finite_scaling(value, where):
+def _finite_scaling(value, where, what="scaling", fix="lower lora_alpha"):
     with np.errstate(over="ignore"):
         if not np.isfinite(np.float32(value)):
-            raise LoraConfigError(
-                f"{where}: scaling {value!r} is not finite in float32; lower lora_alpha")
+            raise LoraConfigError(f"{where}: {what} {value!r} is not finite in float32; {fix}")
     return value
 
 
@@ -214,8 +213,10 @@ def _check_weighting(adapter, weights, combination):
             raise LoraTypeError(f"weights[{i}] must be a real number, got {type(w).__name__} "
                                 f"{w!r}")
         w = float(w)
-        if not math.isfinite(w):
-            raise LoraConfigError(f"weights[{i}] must be finite, got {w!r}")
+        with np.errstate(over="ignore"):
+            finite = math.isfinite(w) and np.isfinite(np.float32(w))
+        if not finite:
+            raise LoraConfigError(f"weights[{i}] must be finite in float32, got {w!r}")
         checked.append(w)
     if combination is None:
         combination = "cat"
@@ -325,9 +326,12 @@ def plan_merge(base, adapter, *, dtype="keep", weights=None, combination=None):
     for tensor, hits in found.items():
         sources = []
         for k, module, (a_key, b_key, _, _, rank) in hits:
-            sources.append(FactorSource(files[k], a_key, b_key, rank,
-                                        _scaling(configs[k], module, rank, files[k]),
-                                        weights[k]))
+            scaling = _scaling(configs[k], module, rank, files[k])
+            # The factors are multiplied by weight * scaling ("cat") or by
+            # its square root ("linear"), in float32: refuse an overflow.
+            _finite_scaling(weights[k] * scaling, f"{files[k]}: module {module!r}",
+                            f"weights[{k}] times its scaling,", "lower the weight")
+            sources.append(FactorSource(files[k], a_key, b_key, rank, scaling, weights[k]))
         if combination == "linear" and len({src.rank for src in sources}) != 1:
             raise LoraConfigError(
                 f"combination 'linear': tensor {tensor!r} has ranks "

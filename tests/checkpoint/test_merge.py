@@ -559,3 +559,19 @@ def test_every_way_of_writing_gives_the_same_bytes(tmp_path, pair, monkeypatch, 
     if how == "direct refused at write" and hasattr(os, "O_DIRECT"):
         assert refused and set(refused) == {0}  # one refusal per shard, then buffered
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("chunk", [4096, 8192, 3 * 4096])
+def test_direct_writes_across_many_small_chunks(tmp_path, pair, monkeypatch, chunk):
+    # Tensors and unchanged ranges cross chunk boundaries at every offset
+    # the fixture has; the last chunk is padded and cut back.
+    base, adapter, _ = pair
+    monkeypatch.setattr(_write, "DIRECT_IO", False)
+    reference = checkpoint.merge(base, adapter, tmp_path / "ref")
+    monkeypatch.setattr(_write, "DIRECT_IO", True)
+    monkeypatch.setattr(_write, "_DIRECT_CHUNK", chunk)
+    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    for shard in result.shards:
+        data = (result.out / shard).read_bytes()
+        assert data == (reference.out / shard).read_bytes()
+        assert len(data) == (base / shard).stat().st_size  # the padding is cut off

@@ -66,6 +66,9 @@ def test_cat_is_the_weighted_sum_of_the_deltas(tmp_path):
     (dict(weights=[1.0, "2"]), LoraTypeError, "weights\\[1\\] must be a real number"),
     (dict(weights=[1.0, True]), LoraTypeError, "weights\\[1\\] must be a real number"),
     (dict(weights=[1.0, math.nan]), LoraConfigError, "weights\\[1\\] must be finite"),
+    (dict(weights=[1.0, 1e39]), LoraConfigError, "weights\\[1\\] must be finite in float32"),
+    (dict(weights=[1e38, 1.0]), LoraConfigError, "weights\\[0\\] times its scaling, .* is not "
+     "finite in float32"),
     (dict(weights="12"), LoraTypeError, "weights must be a list"),
     (dict(weights=[1.0, 1.0], combination="svd"), LoraConfigError, "combination must be one of"),
     (dict(weights=[1.0, 1.0], combination="linear"), LoraConfigError,
