@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from numba_lora import LoraConfigError, LoraTypeError, checkpoint
 
@@ -94,3 +96,56 @@ def test_weights_need_a_list_of_adapters(tmp_path):
         checkpoint.merge(CHECKPOINTS / "llama_f32", [HERE / "adapter_c", HERE / "adapter_d"],
                          HERE / "adapter_d", weights=[1.0, 1.0])
     assert not (tmp_path / "out").exists()
+
+
+class _Factors:
+    """Stands in for a SafetensorsFile: read_many over a dict."""
+
+    def __init__(self, path, tensors):
+        self.path, self._tensors = path, tensors
+
+    def read_many(self, keys):
+        return {key: self._tensors[key] for key in keys}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), combination=st.sampled_from(["cat", "linear"]),
+       n=st.integers(1, 3), rows=st.integers(1, 6), cols=st.integers(1, 6))
+def test_combinations_against_a_float64_reference(data, combination, n, rows, cols):
+    from numba_lora.checkpoint import FactorSource, TensorMerge
+    from numba_lora.checkpoint._write import _combine
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    same = data.draw(st.integers(1, 4))
+    ranks = [same] * n if combination == "linear" else \
+        data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    weights = data.draw(st.lists(st.floats(-3, 3), min_size=n, max_size=n))
+    scalings = data.draw(st.lists(st.floats(0.01, 8), min_size=n, max_size=n))
+    files, sources, factors = {}, [], []
+    for k, (rank, w, s) in enumerate(zip(ranks, weights, scalings)):
+        A = rng.standard_normal((rank, cols)).astype(np.float32)
+        B = rng.standard_normal((rows, rank)).astype(np.float32)
+        files[f"f{k}"] = _Factors(f"f{k}", {"a": A, "b": B})
+        sources.append(FactorSource(f"f{k}", "a", "b", rank, s, w))
+        factors.append((A.astype(np.float64), B.astype(np.float64)))
+    total = sum(ranks) + data.draw(st.integers(0, 3))  # "cat" pads with zero rows up to r
+    merge = TensorMerge("t", "s", "m", tuple(sources),
+                        total if combination == "cat" else same, 1.0, False, combination)
+    A, B = _combine(files, merge, np.float32)
+    assert A.dtype == B.dtype == np.float32
+    if combination == "cat":
+        assert A.shape == (total, cols) and B.shape == (rows, total)
+        assert not A[sum(ranks):].any() and not B[:, sum(ranks):].any()
+        expected = sum(w * s * (b @ a) for (a, b), w, s in zip(factors, weights, scalings))
+        got = B.astype(np.float64) @ A.astype(np.float64)
+        scale = sum(abs(w * s) * (np.abs(b) @ np.abs(a))
+                    for (a, b), w, s in zip(factors, weights, scalings))
+        assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-30)
+    else:
+        roots = [np.sqrt(abs(w * s)) for w, s in zip(weights, scalings)]
+        wa = [np.float32(r if w * s >= 0 else -r) for r, w, s in zip(roots, weights, scalings)]
+        wb = [np.float32(r) for r in roots]
+        np.testing.assert_allclose(A, sum(float(x) * a for x, (a, _) in zip(wa, factors)),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(B, sum(float(x) * b for x, (_, b) in zip(wb, factors)),
+                                   rtol=1e-5, atol=1e-5)
