@@ -292,7 +292,9 @@ def adapter_modules(weights):
 
 
 def check_float_tensor(file, key, what):
-    """Raise LoraFormatError unless tensor ``key`` of ``file`` has a float dtype (:data:`FLOAT_DTYPES`).
+    """Raise LoraFormatError unless tensor ``key`` of ``file`` has a float dtype.
+
+    The float dtypes are :data:`FLOAT_DTYPES` (F16, BF16, F32, F64).
 
     ``file`` is a :class:`~numba_lora.io.safetensors.SafetensorsFile` or a
     :class:`~numba_lora.io.safetensors.ShardedSafetensors`; ``what`` names the
