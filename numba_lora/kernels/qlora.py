@@ -244,7 +244,7 @@ def _nf4_dot_avx512(typingctx, packed, byte0, absmax, b0, nblk, gpb, code, x, x0
 
 @intrinsic
 def _nf4_deq_avx512(typingctx, packed, byte0, absmax, b0, nblk, gpb, code, dst, d0):
-    """The weights of :func:`_nf4_dot_avx512`'s groups stored to ``dst[d0 + 16 g: d0 + 16 g + 16]``."""
+    """The weights of :func:`_nf4_dot_avx512`'s groups, group g to ``dst[d0 + 16 g:][:16]``."""
     if not _intrinsic_types_ok(packed, absmax, code, dst):
         return None
     sig = types.void(packed, byte0, absmax, b0, nblk, gpb, code, dst, d0)
@@ -429,7 +429,7 @@ def _build(tag, dot_groups, deq_groups):
         return function
 
     def row_dot(packed, absmax, abase, code, blocksize, x, s, e, acc):
-        """Flat elements [s, e) of W against x[0: e - s], in float32; absmax[b - abase] scales block b."""
+        """Flat elements [s, e) of W against x[0: e - s]; absmax[b - abase] scales block b."""
         gsize = blocksize // 16
         acc[:16] = 0
         tail = np.float32(0)
@@ -901,7 +901,8 @@ def forward_nf4_dq(packed, absmax_q, nested_absmax, nested_code, offset, blocksi
     ----------
     packed : ndarray of uint8, shape ((out_features * in_features + 1) // 2,)
     absmax_q : ndarray of uint8, shape (nblocks,)
-        8-bit codes of the blocks' absmax, ``nblocks = ceil(out_features * in_features / blocksize)``.
+        8-bit codes of the blocks' absmax,
+        ``nblocks = ceil(out_features * in_features / blocksize)``.
     nested_absmax : ndarray of float32, shape (ceil(nblocks / 256),)
     nested_code : ndarray of float32, shape (256,)
     offset : float
