@@ -132,7 +132,8 @@ def _write_shard_task(shard, plan, directory, threads):
     return checkpoint.write_shard(plan, shard, directory)
 
 
-def merge(client, base, adapter, out, *, dtype="keep", threads=None):
+def merge(client, base, adapter, out, *, dtype="keep", weights=None, combination=None,
+          threads=None):
     """:func:`numba_lora.checkpoint.merge` with one Dask task per shard.
 
     Everything is checked on the client before any task starts (the same
@@ -156,13 +157,17 @@ def merge(client, base, adapter, out, *, dtype="keep", threads=None):
         A Hugging Face checkpoint directory, as for
         :func:`numba_lora.checkpoint.merge`.  Relative paths are made
         absolute on the client.
-    adapter : str or os.PathLike
-        A PEFT LoRA adapter directory.
+    adapter : str or os.PathLike, or list of them
+        A PEFT LoRA adapter directory, or several merged together (see
+        ``weights``).
     out : str or os.PathLike
         A new or empty directory, not the base's or the adapter's.
     dtype : {"keep"}
         Every tensor keeps its stored dtype, as for
         :func:`numba_lora.checkpoint.merge`.
+    weights, combination : optional
+        Several adapters' weights and PEFT combination (``"cat"`` or
+        ``"linear"``), as for :func:`numba_lora.checkpoint.merge`.
     threads : int or None
         Numba and BLAS threads per task; None: :func:`thread_counts`.
 
@@ -196,9 +201,13 @@ def merge(client, base, adapter, out, *, dtype="keep", threads=None):
     _dask()
     start = time.perf_counter()
     # Absolute paths: a worker's working directory need not be the client's.
-    base, adapter, out = (as_path(p, what).absolute()
-                          for p, what in ((base, "base"), (adapter, "adapter"), (out, "out")))
-    plan = checkpoint.plan_merge(base, adapter, dtype=dtype)
+    base, out = (as_path(p, what).absolute() for p, what in ((base, "base"), (out, "out")))
+    if isinstance(adapter, (list, tuple)):
+        adapter = [as_path(a, "adapter").absolute() for a in adapter]
+    else:
+        adapter = as_path(adapter, "adapter").absolute()
+    plan = checkpoint.plan_merge(base, adapter, dtype=dtype, weights=weights,
+                                 combination=combination)
     threads = _check_threads(client, threads)
     output = checkpoint.Output(plan, out)
     futures = []

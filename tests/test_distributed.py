@@ -61,6 +61,16 @@ def test_merge_is_the_single_process_merge(client, tmp_path, model, tag):
         (alone.shards, alone.merged, alone.copied, alone.bytes)
 
 
+def test_weighted_merge_is_the_single_process_merge(client, tmp_path):
+    weighted = FIXTURES.parent / "peft_weighted"
+    base, adapters = FIXTURES / "llama_bf16", [weighted / "adapter_c", weighted / "adapter_d"]
+    checkpoint.merge(base, adapters, tmp_path / "alone", weights=[0.5, -2.0],
+                     combination="cat")
+    distributed.merge(client, base, adapters, tmp_path / "dask", weights=[0.5, -2.0],
+                      combination="cat")
+    assert _files(tmp_path / "dask") == _files(tmp_path / "alone")
+
+
 def test_merge_with_relative_paths(client, tmp_path, monkeypatch):
     # The workers' working directory is not the client's after a chdir.
     monkeypatch.chdir(tmp_path)
