@@ -19,25 +19,40 @@ __all__ = ["RWLock"]
 class RWLock:
     """Shared (read) and exclusive (write) locking, writers preferred."""
 
-    __slots__ = ("_cond", "_readers", "_writer", "_waiting_writers")
+    __slots__ = ("_mutex", "_cond", "_readers", "_writer", "_waiting_writers")
 
     def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
 
+    # The read side is on every forward's path, after the forward before it
+    # has streamed W through the caches: it touches as little as it can (the
+    # mutex directly, no Condition method frames, no notify without a waiter).
     def acquire_read(self):
-        with self._cond:
+        cond = self._cond
+        mutex = self._mutex
+        mutex.acquire()
+        try:
             while self._writer or self._waiting_writers:
-                self._cond.wait()
+                cond.wait()
             self._readers += 1
+        finally:
+            mutex.release()
 
     def release_read(self):
-        with self._cond:
+        mutex = self._mutex
+        mutex.acquire()
+        try:
             self._readers -= 1
-            if self._readers == 0:
+            # Only writers wait for the readers to drain; a writer counts
+            # itself in _waiting_writers (under this mutex) before it waits.
+            if self._readers == 0 and self._waiting_writers:
                 self._cond.notify_all()
+        finally:
+            mutex.release()
 
     def acquire_write(self):
         with self._cond:
