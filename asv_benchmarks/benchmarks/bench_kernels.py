@@ -150,6 +150,40 @@ class Layer(Forward):
         self.layer.forward(self.x, out=self.out)
 
 
+class Decode(_Suite):
+    """Decoding: ``LoraLinear`` on 1, 2, 4 and 8 rows vs the dense product.
+
+    The layer's own path (one vector: ``kernels.forward``; up to 8 rows: the
+    stacked ``[W; A]`` kernel) with its validation and lock, as a generation
+    loop calls it once per token and layer.
+    """
+
+    params = (SHAPES if SMALL else ["4096x4096"], [16], ["float32"], [1, 2, 4, 8])
+    param_names = ["shape", "rank", "dtype", "rows"]
+
+    def prepare(self, rows):
+        self.layer = LoraLinear(self.W, self.A.shape[0], SCALING * self.A.shape[0], seed=0)
+        self.layer.lora_a, self.layer.lora_b = self.A, self.B
+        shape = (self.W.shape[1],) if rows == 1 else (rows, self.W.shape[1])
+        self.X = self.rng.standard_normal(shape).astype(self.W.dtype)
+        self.out = np.empty(shape[:-1] + (self.W.shape[0],), self.W.dtype)
+
+    def lora(self):
+        if self.X.ndim == 1:
+            self.layer.forward(self.X, out=self.out)
+        else:
+            self.layer.forward_batch(self.X, out=self.out)
+
+    def dense(self):
+        if self.X.ndim == 1:
+            np.matmul(self.W, self.X, out=self.out)
+        else:
+            np.matmul(self.X, self.W.T, out=self.out)
+
+    def numpy(self):
+        return self.X @ self.W.T + SCALING * ((self.X @ self.A.T) @ self.B.T)
+
+
 class MultiAdapter(_Suite):
     """Many adapters in one batch vs the dense product, one adapter, and NumPy's loop."""
 
