@@ -198,9 +198,11 @@ class NF4Weight:
         Per-block scales, finite and >= 0; give either this or the three
         double-quant arrays and ``offset``.
     absmax_q : array_like of uint8, shape (nblocks,), optional
+        Double quantization: the 8-bit code of each block's scale.
     nested_absmax : array_like of float32, shape (ceil(nblocks / 256),), optional
+        Double quantization: the scale of each block of 256 codes.
     nested_code : array_like of float32, shape (256,), optional
-        Defaults to :data:`DYNAMIC_CODE`.
+        Double quantization: the 8-bit map; defaults to :data:`DYNAMIC_CODE`.
     offset : float, optional
         Rounded to float32.
     source_dtype : str
@@ -283,21 +285,27 @@ class NF4Weight:
 
     # ---------------------------------------------------------------- facts
     shape = property(lambda self: self._shape, doc="(out_features, in_features).")
-    out_features = property(lambda self: self._shape[0])
-    in_features = property(lambda self: self._shape[1])
+    out_features = property(lambda self: self._shape[0], doc="Rows of the weight.")
+    in_features = property(lambda self: self._shape[1], doc="Columns of the weight.")
     size = property(lambda self: self._shape[0] * self._shape[1], doc="Number of weights, n.")
-    blocksize = property(lambda self: self._blocksize)
-    nblocks = property(lambda self: _nblocks(self.size, self._blocksize))
-    double_quant = property(lambda self: self._absmax is None)
+    blocksize = property(lambda self: self._blocksize, doc="Elements per scale block.")
+    nblocks = property(lambda self: _nblocks(self.size, self._blocksize),
+                       doc="Number of scale blocks, ceil(n / blocksize).")
+    double_quant = property(lambda self: self._absmax is None,
+                            doc="Whether the scales are themselves quantized to 8 bits.")
     packed = property(lambda self: self._packed, doc="uint8 ((n + 1) // 2,), read-only.")
     code = property(lambda self: NF4_CODE, doc="The 16 code values, :data:`NF4_CODE`.")
     absmax = property(lambda self: self._absmax,
                       doc="float32 (nblocks,), read-only; None when double-quantized.")
-    absmax_q = property(lambda self: self._absmax_q)
-    nested_absmax = property(lambda self: self._nested_absmax)
-    nested_code = property(lambda self: self._nested_code)
+    absmax_q = property(lambda self: self._absmax_q,
+                        doc="uint8 (nblocks,), read-only; None unless double-quantized.")
+    nested_absmax = property(lambda self: self._nested_absmax,
+                             doc="float32 (ceil(nblocks / 256),), read-only; or None.")
+    nested_code = property(lambda self: self._nested_code,
+                           doc="float32 (256,) 8-bit map, read-only; or None.")
     offset = property(lambda self: self._offset, doc="float32 scalar, or None.")
-    source_dtype = property(lambda self: self._source_dtype)
+    source_dtype = property(lambda self: self._source_dtype,
+                            doc="The dtype before quantization: 'float32', 'float16' or 'bfloat16'.")
 
     @property
     def nbytes(self):
@@ -414,6 +422,7 @@ def quantize(weight, blocksize=64, *, double_quant=False):
     Returns
     -------
     NF4Weight
+        The codes and scales, immutable; :func:`dequantize` gives the weight back.
 
     Raises
     ------
@@ -462,12 +471,14 @@ def dequantize(q, *, out=None):
     Parameters
     ----------
     q : NF4Weight
+        The quantized weight.
     out : ndarray of float32, shape (out_features, in_features), optional
         C-contiguous, writable; overwritten.
 
     Returns
     -------
     ndarray of float32, shape (out_features, in_features)
+        ``out`` when given, else a new array.
     """
     if not isinstance(q, NF4Weight):
         raise LoraTypeError(f"q must be an NF4Weight, got {type(q).__name__}")
@@ -579,6 +590,7 @@ def from_bnb_state_dict(tensors, prefix="", *, where="state dict"):
     Returns
     -------
     NF4Weight
+        The weight the state dict holds, with its own scales (and offset).
 
     Raises
     ------
@@ -646,6 +658,7 @@ def load_bnb_safetensors(path, prefix=""):
     Returns
     -------
     NF4Weight
+        The weight the file holds.
     """
     from .io.safetensors import SafetensorsFile
 
@@ -673,11 +686,14 @@ def to_bnb_state_dict(q, prefix=""):
     Parameters
     ----------
     q : NF4Weight
+        The weight to write out.
     prefix : str
+        Prepended to every key (``"model.layers.0.mlp.down_proj."``).
 
     Returns
     -------
     dict[str, ndarray]
+        New arrays, keyed ``{prefix}weight``, ``{prefix}weight.absmax`` and so on.
     """
     if not isinstance(q, NF4Weight):
         raise LoraTypeError(f"q must be an NF4Weight, got {type(q).__name__}")
