@@ -22,7 +22,18 @@ __all__ = ["TrainContext", "dropout_mask", "keep_scale", "check_dropout", "pissa
 
 
 def check_dropout(p):
-    """Return ``p`` as a float in ``[0, 1)``, else raise :class:`~numba_lora.LoraConfigError`."""
+    """Return ``p`` as a float in ``[0, 1)``, else raise :class:`~numba_lora.LoraConfigError`.
+
+    Parameters
+    ----------
+    p : float
+        A dropout probability (a real number, not a bool).
+
+    Returns
+    -------
+    float
+        ``p`` as a Python float.
+    """
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise LoraConfigError(
             f"dropout must be a real number in [0, 1), got {type(p).__name__} {p!r}")
@@ -37,6 +48,18 @@ def keep_scale(p, dtype):
 
     torch divides its 0/1 noise by ``1 - p`` in the tensor's dtype, so a kept
     element is multiplied by ``dtype(1) / dtype(1 - p)`` rounded once.
+
+    Parameters
+    ----------
+    p : float
+        Dropout probability in ``[0, 1)``.
+    dtype : numpy dtype or type
+        The dtype the scale is computed in (float32 or float64).
+
+    Returns
+    -------
+    float
+        The factor kept elements are multiplied by.
     """
     t = np.dtype(dtype).type
     return float(t(1) / t(1.0 - p))
@@ -48,7 +71,9 @@ def dropout_mask(rng, shape, p):
     Parameters
     ----------
     rng : numpy.random.Generator
+        Draws the uniform noise (``rng.random(shape)``).
     shape : tuple of int
+        Shape of the mask.
     p : float
         Dropout probability in ``[0, 1)``.
 
@@ -69,6 +94,25 @@ class TrainContext:
     not change in between (an optimizer step or a setter makes it stale:
     ``backward`` then raises :class:`~numba_lora.LoraStateError`, as torch's
     autograd refuses a tensor modified in place).
+
+    Parameters
+    ----------
+    layer : LoraLinear
+        The layer whose forward made it.
+    version : int
+        The layer's factor version at the forward (a later change makes it stale).
+    X, XL, H : ndarray
+        As the attributes below.
+    mask : ndarray of bool or None
+        As the attribute below.
+    dropout : float
+        The dropout probability used.
+    keep : float
+        ``1 / (1 - dropout)`` as :func:`keep_scale` gives it (``keep_scale``).
+    lora : bool
+        Whether the low-rank branch took part.
+    lead : tuple of int, optional
+        The input's leading dimensions; defaults to ``(X.shape[0],)``.
 
     Attributes
     ----------
@@ -111,18 +155,22 @@ class TrainContext:
 
     @property
     def X(self):
+        """ndarray: The input, in the layer's dtype (read-only)."""
         return readonly(self._X)
 
     @property
     def XL(self):
+        """ndarray: The LoRA branch's input, after dropout (read-only)."""
         return readonly(self._XL)
 
     @property
     def H(self):
+        """ndarray: ``XL @ A.T`` (read-only)."""
         return readonly(self._H)
 
     @property
     def mask(self):
+        """ndarray of bool or None: The dropout mask (True keeps), or None."""
         return None if self._mask is None else readonly(self._mask)
 
     @property
@@ -167,6 +215,7 @@ def pissa_to_lora(lora_a, lora_b, initial_a, initial_b, alpha, *, use_rslora=Fal
     alpha : float
         The layer's alpha.
     use_rslora : bool, optional
+        Whether the layer scales by ``alpha / sqrt(rank)`` (rsLoRA).
 
     Returns
     -------

@@ -39,6 +39,8 @@ MODULES = [
     "numba_lora.bench.report",
     "numba_lora.bench.cli",
     "numba_lora.nf4",
+    "numba_lora.training",
+    "numba_lora.checkpoint",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every

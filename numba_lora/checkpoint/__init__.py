@@ -168,6 +168,7 @@ def merge(base, adapter, out, *, dtype="keep", weights=None, combination=None, p
     Returns
     -------
     MergeResult
+        What was written: the directory, shards, merged and copied names, bytes and time.
 
     Raises
     ------
