@@ -41,6 +41,8 @@ MODULES = [
     "numba_lora.nf4",
     "numba_lora.training",
     "numba_lora.checkpoint",
+    "numba_lora.io.peft",
+    "numba_lora.io.safetensors",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every

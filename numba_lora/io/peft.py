@@ -113,6 +113,16 @@ def check_module_name(name):
     - not starting with ``base_model.model.`` (the prefix every key gets,
       stripped once on reading and from base-weight names).
 
+    Parameters
+    ----------
+    name : str
+        A layer (module) name, such as ``"model.layers.0.self_attn.q_proj"``.
+
+    Returns
+    -------
+    str
+        ``name`` itself.
+
     Raises
     ------
     LoraTypeError
@@ -149,6 +159,16 @@ def module_aliases(name):
 
     Base weights are found with or without a leading ``model.``, so layers
     ``x`` and ``model.x`` cannot both be loaded from one set of base weights.
+
+    Parameters
+    ----------
+    name : str
+        A layer (module) name.
+
+    Returns
+    -------
+    set of str
+        The other names (``model.`` added, or removed where it leads).
     """
     aliases = {"model." + name}
     if name.startswith("model."):
@@ -172,6 +192,7 @@ def read_adapter_config(path):
     Returns
     -------
     LoraConfig
+        The adapter's configuration; unmodelled keys in ``extra``.
 
     Raises
     ------
@@ -299,6 +320,15 @@ def check_float_tensor(file, key, what):
     ``file`` is a :class:`~numba_lora.io.safetensors.SafetensorsFile` or a
     :class:`~numba_lora.io.safetensors.ShardedSafetensors`; ``what`` names the
     tensor's role in the message ("LoRA factors", "base weights").
+
+    Parameters
+    ----------
+    file : SafetensorsFile or ShardedSafetensors
+        Where the tensor is.
+    key : str
+        The tensor's name.
+    what : str
+        The tensor's role, for the message.
     """
     dtype = file.dtype(key)
     if dtype not in FLOAT_DTYPES:
@@ -372,7 +402,20 @@ class _BaseWeights:
 
 
 def load_peft(cls, path, base_weights):
-    """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``."""
+    """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
+    base_weights : mapping or str or os.PathLike
+        ``{module name: weight}``, or safetensors weights as :func:`open_weights` reads them.
+
+    Returns
+    -------
+    LoraAdapter
+        A new adapter of class ``cls`` (the first argument), one layer per module.
+    """
     path = as_path(path)
     config = read_adapter_config(path)
     weights_path = path / WEIGHTS_NAME
@@ -458,6 +501,13 @@ def save_peft(adapter, path):
     aside first), so a failed write leaves the directory as it was: no
     partial or temporary file, the earlier adapter intact, and no directory
     this call created.
+
+    Parameters
+    ----------
+    adapter : LoraAdapter
+        The adapter to write: at least one layer, each as its config says.
+    path : str or os.PathLike
+        The directory; created if missing.
     """
     from safetensors.numpy import save_file
 

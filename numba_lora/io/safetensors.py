@@ -186,15 +186,43 @@ class SafetensorsFile:
         return self._data_start
 
     def data_offsets(self, key):
-        """``(start, stop)`` of tensor ``key``'s bytes, relative to :attr:`data_start`."""
+        """``(start, stop)`` of tensor ``key``'s bytes, relative to :attr:`data_start`.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the header holds.
+
+        Returns
+        -------
+        tuple of int
+            The byte range ``(start, stop)``.
+        """
         return self._entries[key][2:]
 
     def file_of(self, key):
-        """The file that holds tensor ``key``: this one (as for a sharded checkpoint)."""
+        """The file that holds tensor ``key``: this one (as for a sharded checkpoint).
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the header holds.
+
+        Returns
+        -------
+        pathlib.Path
+            :attr:`path`.
+        """
         return self.path
 
     def keys(self):
-        """The tensor names, in header order (``__metadata__`` left out)."""
+        """The tensor names, in header order (``__metadata__`` left out).
+
+        Returns
+        -------
+        list of str
+            A new list.
+        """
         return list(self._entries)
 
     def __contains__(self, key):
@@ -204,11 +232,33 @@ class SafetensorsFile:
         return len(self._entries)
 
     def dtype(self, key):
-        """The tensor's safetensors dtype name (``"F32"``, ``"BF16"``, ...)."""
+        """The tensor's safetensors dtype name (``"F32"``, ``"BF16"``, ...).
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the header holds.
+
+        Returns
+        -------
+        str
+            The dtype name as the header spells it.
+        """
         return self._entries[key][0]
 
     def shape(self, key):
-        """The tensor's shape, from the header."""
+        """The tensor's shape, from the header.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the header holds.
+
+        Returns
+        -------
+        tuple of int
+            The shape (``()`` for a scalar).
+        """
         return self._entries[key][1]
 
     def read(self, key):
@@ -217,11 +267,32 @@ class SafetensorsFile:
         bfloat16, which NumPy has no dtype for, is widened to float32
         exactly; float8 and any other dtype NumPy cannot hold raise
         LoraFormatError naming the file and the key.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the header holds.
+
+        Returns
+        -------
+        ndarray
+            A new array of the tensor's shape.
         """
         return self.read_many([key])[key]
 
     def read_many(self, keys):
-        """``{key: array}`` for ``keys``, in one pass over the file."""
+        """``{key: array}`` for ``keys``, in one pass over the file.
+
+        Parameters
+        ----------
+        keys : iterable of str
+            Tensor names the header holds.
+
+        Returns
+        -------
+        dict[str, ndarray]
+            New arrays, as :meth:`read` gives them, in the order of ``keys``.
+        """
         result = {}
         with open(self.path, "rb") as fh:
             for key in keys:
@@ -254,6 +325,16 @@ def read_safetensors(path):
     bfloat16 tensors, which NumPy has no dtype for, are widened to float32
     exactly.  A malformed file raises :class:`~numba_lora.LoraFormatError`
     naming the file and, where one is at fault, the tensor.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    dict[str, ndarray]
+        Every tensor, in header order.
     """
     file = SafetensorsFile(path)
     return file.read_many(file.keys())
@@ -276,6 +357,16 @@ def read_index(path):
     Hugging Face writes one beside the shards of a checkpoint too large for
     one file (``model.safetensors.index.json`` naming
     ``model-00001-of-00002.safetensors``, ...).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The index file.
+
+    Returns
+    -------
+    dict[str, str]
+        Tensor name to shard file name (in the index's directory).
 
     Raises
     ------
@@ -348,7 +439,13 @@ class ShardedSafetensors:
         return shard
 
     def keys(self):
-        """The tensor names, in the index's order."""
+        """The tensor names, in the index's order.
+
+        Returns
+        -------
+        list of str
+            A new list.
+        """
         return list(self._weight_map)
 
     def __contains__(self, key):
@@ -358,23 +455,78 @@ class ShardedSafetensors:
         return len(self._weight_map)
 
     def file_of(self, key):
-        """The path of the shard the index places tensor ``key`` in."""
+        """The path of the shard the index places tensor ``key`` in.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the index holds.
+
+        Returns
+        -------
+        pathlib.Path
+            The shard's path, in the index's directory.
+        """
         return self.path.parent / self._weight_map[key]
 
     def dtype(self, key):
-        """The tensor's safetensors dtype name, from its shard's header."""
+        """The tensor's safetensors dtype name, from its shard's header.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the index holds.
+
+        Returns
+        -------
+        str
+            The dtype name (``"F32"``, ``"BF16"``, ...).
+        """
         return self._shard(key).dtype(key)
 
     def shape(self, key):
-        """The tensor's shape, from its shard's header."""
+        """The tensor's shape, from its shard's header.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the index holds.
+
+        Returns
+        -------
+        tuple of int
+            The shape.
+        """
         return self._shard(key).shape(key)
 
     def read(self, key):
-        """Tensor ``key``, read from its shard alone; see :meth:`SafetensorsFile.read`."""
+        """Tensor ``key``, read from its shard alone; see :meth:`SafetensorsFile.read`.
+
+        Parameters
+        ----------
+        key : str
+            A tensor name the index holds.
+
+        Returns
+        -------
+        ndarray
+            A new array of the tensor's shape.
+        """
         return self._shard(key).read(key)
 
     def read_many(self, keys):
-        """``{key: array}`` for ``keys``, each shard opened once."""
+        """``{key: array}`` for ``keys``, each shard opened once.
+
+        Parameters
+        ----------
+        keys : iterable of str
+            Tensor names the index holds.
+
+        Returns
+        -------
+        dict[str, ndarray]
+            New arrays, in the order of ``keys``.
+        """
         by_shard = {}
         for key in keys:
             by_shard.setdefault(self._weight_map[key], []).append(key)
@@ -395,6 +547,16 @@ def open_weights(path):
     Hugging Face model directory: ``model.safetensors``, or
     ``model.safetensors.index.json`` with its ``model-0000k-of-0000n``
     shards).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file, an index file or a model directory.
+
+    Returns
+    -------
+    SafetensorsFile or ShardedSafetensors
+        Headers read and checked; tensors are read on request.
 
     Raises
     ------
