@@ -297,8 +297,11 @@ class AdamW(_Optimizer):
         ``{"params": <layers/adapters>, "lr": ..., ...}``, each key
         overriding the defaults below for that group.
     lr : float, default 1e-3
+        Learning rate.
     betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moment averages, each in [0, 1).
     eps : float, default 1e-8
+        Added to the second moment's square root.
     weight_decay : float, default 1e-2
         Decoupled: ``param *= 1 - lr * weight_decay`` each step.
     lr_b_ratio : float, default 1.0
@@ -314,6 +317,28 @@ class AdamW(_Optimizer):
     keeps its own step count, like torch.  ``param_groups`` is a list of
     dicts that may be changed between steps (learning-rate schedules); the
     values are checked at every step.
+
+    See Also
+    --------
+    SGD : Plain or momentum SGD over the same parameters.
+    clip_grad_norm : Clip the gradients before a step.
+    numba_lora.kernels.train.adamw_step : The update of one tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import AdamW, LoraLinear
+    >>> layer = LoraLinear(np.eye(4), rank=2, alpha=4.0, seed=0)
+    >>> opt = AdamW(layer, lr=1e-2)
+    >>> Y, ctx = layer.forward_train(np.ones((3, 4)))
+    >>> _ = layer.backward(Y, ctx)              # loss 0.5 * ||Y||^2: dY = Y
+    >>> B0 = layer.lora_b.copy()
+    >>> opt.step()                              # Adam's first step moves by ~lr
+    >>> bool(np.allclose(np.abs(layer.lora_b - B0), 1e-2))
+    True
+    >>> opt.zero_grad()
+    >>> layer.grad_a is None
+    True
     """
 
     _HYPER = ("lr", "betas", "eps", "weight_decay", "lr_b_ratio")
@@ -350,13 +375,19 @@ class SGD(_Optimizer):
 
     Parameters
     ----------
-    params : as for :class:`AdamW`
+    params : LoraLinear, LoraAdapter, iterable of them, or list of dicts
+        What to train, as for :class:`AdamW` (dicts are parameter groups).
     lr : float, default 1e-3
+        Learning rate.
     momentum : float, default 0
+        Momentum factor (0: plain SGD, no buffer).
     dampening : float, default 0
+        Dampening of the momentum (the gradient enters the buffer times
+        ``1 - dampening``).
     weight_decay : float, default 0
         L2 penalty added to the gradient (``grad + weight_decay * param``).
     nesterov : bool, default False
+        Nesterov momentum (needs momentum > 0 and dampening 0).
     lr_b_ratio : float, default 1.0
         ``lora_B`` at ``lr * lr_b_ratio``.
 
@@ -366,6 +397,25 @@ class SGD(_Optimizer):
     torch's single-tensor order with its fused adds (equal to torch 2.13 bit
     for bit in float32 and float64 in our checks).  The state of a tensor is
     its step count and, with momentum, its ``momentum_buffer``.
+
+    See Also
+    --------
+    AdamW : Adam with decoupled weight decay.
+    clip_grad_norm : Clip the gradients before a step.
+    numba_lora.kernels.train.sgd_step : The update of one tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import SGD, LoraLinear
+    >>> layer = LoraLinear(np.eye(4), rank=2, alpha=4.0, seed=0)
+    >>> opt = SGD(layer, lr=0.1)
+    >>> Y, ctx = layer.forward_train(np.ones((3, 4)))
+    >>> _ = layer.backward(Y, ctx)
+    >>> B0, gB = layer.lora_b.copy(), layer.grad_b.copy()
+    >>> opt.step()                              # B -= lr * dL/dB
+    >>> bool(np.allclose(layer.lora_b, B0 - 0.1 * gB))
+    True
     """
 
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "lr_b_ratio")
@@ -412,6 +462,7 @@ def clip_grad_norm(params, max_norm: float, *, error_if_nonfinite: bool = False)
     Parameters
     ----------
     params : LoraLinear, LoraAdapter, or iterable of them (or an optimizer)
+        Whose gradients to clip (an optimizer's: every layer of its groups).
     max_norm : float
         Finite and >= 0.
     error_if_nonfinite : bool, default False
@@ -423,6 +474,24 @@ def clip_grad_norm(params, max_norm: float, *, error_if_nonfinite: bool = False)
     -------
     float
         The total norm before clipping.
+
+    See Also
+    --------
+    AdamW, SGD : Optimizers whose step follows the clipping.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import LoraLinear, clip_grad_norm
+    >>> layer = LoraLinear(np.eye(4), rank=2, alpha=4.0, seed=0)
+    >>> Y, ctx = layer.forward_train(np.ones((3, 4)))
+    >>> _ = layer.backward(Y, ctx)
+    >>> total = clip_grad_norm(layer, 1.0)
+    >>> total > 1.0
+    True
+    >>> norm = np.sqrt((layer.grad_a ** 2).sum() + (layer.grad_b ** 2).sum())
+    >>> bool(np.isclose(norm, 1.0, rtol=1e-5))
+    True
     """
     if isinstance(params, _Optimizer):
         params = [layer for group in params.param_groups for layer in group["params"]]

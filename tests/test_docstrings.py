@@ -43,6 +43,7 @@ MODULES = [
     "numba_lora.checkpoint",
     "numba_lora.io.peft",
     "numba_lora.io.safetensors",
+    "numba_lora.optim",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every
