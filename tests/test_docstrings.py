@@ -44,6 +44,7 @@ MODULES = [
     "numba_lora.io.peft",
     "numba_lora.io.safetensors",
     "numba_lora.optim",
+    "numba_lora.kernels.quantize",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every

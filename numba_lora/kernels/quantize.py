@@ -307,6 +307,24 @@ def quantize_nf4(W, code, blocksize, packed, absmax):
     ------
     LoraNonFiniteError
         If W holds inf or NaN (nothing is written).
+
+    See Also
+    --------
+    dequantize_nf4 : The weight (or rows of it) back from the codes.
+    quantize_absmax : Double quantization of the scales this writes.
+    numba_lora.nf4.quantize : The same, returning an :class:`~numba_lora.nf4.NF4Weight`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> from numba_lora.nf4 import NF4_CODE
+    >>> W = np.linspace(-1, 1, 12, dtype=np.float32)     # a (3, 4) weight, flattened
+    >>> packed, absmax = np.empty(6, np.uint8), np.empty(1, np.float32)
+    >>> kernels.quantize_nf4(W, NF4_CODE, 32, packed, absmax)
+    array([  1,  19,  70, 138, 205, 239], dtype=uint8)
+    >>> absmax
+    array([1.], dtype=float32)
     """
     return _quantize_nf4_checked(W, code, blocksize, packed, absmax)
 
@@ -395,10 +413,12 @@ def dequantize_nf4(packed, absmax, code, blocksize, row0, out):
     Parameters
     ----------
     packed : ndarray of uint8, shape ((n + 1) // 2,)
+        The codes, two per byte, as :func:`quantize_nf4` writes them.
     absmax : ndarray of float32, shape (ceil(n / blocksize),)
         Scales (for double quantization, restore them with
         :func:`dequantize_absmax` first).
     code : ndarray of float32, shape (16,)
+        The code values (:data:`numba_lora.nf4.NF4_CODE`).
     blocksize : int
         32 .. 4096, a power of two.
     row0 : int
@@ -415,13 +435,73 @@ def dequantize_nf4(packed, absmax, code, blocksize, row0, out):
     ------
     LoraShapeError
         If the rows reach past the end of ``packed`` or ``absmax``.
+
+    See Also
+    --------
+    dequantize_nf4_serial : The same on the calling thread.
+    quantize_nf4 : Writes the codes and scales.
+    numba_lora.nf4.dequantize : The whole weight of an :class:`~numba_lora.nf4.NF4Weight`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> from numba_lora.nf4 import NF4_CODE
+    >>> W = np.linspace(-1, 1, 12, dtype=np.float32)
+    >>> packed, absmax = np.empty(6, np.uint8), np.empty(1, np.float32)
+    >>> _ = kernels.quantize_nf4(W, NF4_CODE, 32, packed, absmax)
+    >>> out = np.empty((3, 4), np.float32)                 # rows 0..2 of the (3, 4) weight
+    >>> _ = kernels.dequantize_nf4(packed, absmax, NF4_CODE, 32, 0, out)
+    >>> out[2]
+    array([0.44070983, 0.562617  , 0.72295684, 1.        ], dtype=float32)
+    >>> row = np.empty((1, 4), np.float32)                 # one row alone: the same bits
+    >>> _ = kernels.dequantize_nf4(packed, absmax, NF4_CODE, 32, 2, row)
+    >>> bool((row[0] == out[2]).all())
+    True
     """
     return _dequantize_nf4_checked(packed, absmax, code, blocksize, row0, out)
 
 
 @njit(**EXACT_OPTIONS)
 def dequantize_nf4_serial(packed, absmax, code, blocksize, row0, out):
-    """:func:`dequantize_nf4` on the calling thread only, for a caller's own ``prange`` loop."""
+    """:func:`dequantize_nf4` on the calling thread only, for a caller's own ``prange`` loop.
+
+    Parameters
+    ----------
+    packed : ndarray of uint8, shape ((n + 1) // 2,)
+        The codes, two per byte.
+    absmax : ndarray of float32, shape (ceil(n / blocksize),)
+        The scales.
+    code : ndarray of float32, shape (16,)
+        The code values (:data:`numba_lora.nf4.NF4_CODE`).
+    blocksize : int
+        32 .. 4096, a power of two.
+    row0 : int
+        First row of W to dequantize, >= 0.
+    out : ndarray of float32, shape (rows, in_features)
+        C-contiguous, writable; overwritten.
+
+    Returns
+    -------
+    out : ndarray of float32
+        The same array as ``out``.
+
+    See Also
+    --------
+    dequantize_nf4 : The same, its rows split over Numba's threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> from numba_lora.nf4 import NF4_CODE
+    >>> packed = np.array([0x7F, 0x07], np.uint8)          # codes 7 (0.0), 15 (1.0), 0 (-1.0), 7
+    >>> absmax = np.array([2.0], np.float32)
+    >>> out = np.empty((2, 2), np.float32)
+    >>> kernels.dequantize_nf4_serial(packed, absmax, NF4_CODE, 32, 0, out)
+    array([[ 0.,  2.],
+           [-2.,  0.]], dtype=float32)
+    """
     return _dequantize_nf4_serial_checked(packed, absmax, code, blocksize, row0, out)
 
 
@@ -556,6 +636,26 @@ def quantize_absmax(absmax, offset, lut, absmax_q, nested_absmax):
     Returns
     -------
     absmax_q : ndarray of uint8
+        The same array as ``absmax_q``.
+
+    See Also
+    --------
+    dequantize_absmax : The scales back from the 8-bit codes.
+    dynamic_lut : Makes ``lut``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> from numba_lora.kernels.quantize import dynamic_lut
+    >>> from numba_lora.nf4 import DYNAMIC_CODE
+    >>> lut = dynamic_lut(DYNAMIC_CODE, np.empty(65536, np.uint8))
+    >>> absmax = np.array([1, 2, 3, 4], np.float32)
+    >>> q, nested = np.empty(4, np.uint8), np.empty(1, np.float32)
+    >>> kernels.quantize_absmax(absmax, 2.5, lut, q, nested)
+    array([  0,  47, 207, 255], dtype=uint8)
+    >>> nested                                             # max |absmax - offset|
+    array([1.5], dtype=float32)
     """
     return _quantize_absmax_checked(absmax, offset, lut, absmax_q, nested_absmax)
 
@@ -592,15 +692,35 @@ def dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, out):
     Parameters
     ----------
     absmax_q : ndarray of uint8, shape (nblocks,)
+        The 8-bit codes of the scales.
     nested_absmax : ndarray of float32, shape (ceil(nblocks / 256),)
+        The scale of each block of 256 codes.
     nested_code : ndarray of float32, shape (256,)
+        The 8-bit map (:data:`numba_lora.nf4.DYNAMIC_CODE`).
     offset : float
+        Added back last (rounded to float32 first).
     out : ndarray of float32, shape (nblocks,)
         Overwritten.
 
     Returns
     -------
     out : ndarray of float32
+        The same array as ``out``.
+
+    See Also
+    --------
+    quantize_absmax : Writes the 8-bit codes and nested scales.
+    dequantize_nf4 : Takes the restored scales.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> from numba_lora.nf4 import DYNAMIC_CODE
+    >>> q = np.array([0, 47, 207, 255], np.uint8)
+    >>> nested = np.array([1.5], np.float32)
+    >>> kernels.dequantize_absmax(q, nested, DYNAMIC_CODE, 2.5, np.empty(4, np.float32))
+    array([1.0105469, 2.0019531, 2.9980469, 4.       ], dtype=float32)
     """
     return _dequantize_absmax_checked(absmax_q, nested_absmax, nested_code, offset, out)
 
