@@ -305,7 +305,7 @@ class NF4Weight:
                            doc="float32 (256,) 8-bit map, read-only; or None.")
     offset = property(lambda self: self._offset, doc="float32 scalar, or None.")
     source_dtype = property(lambda self: self._source_dtype,
-                            doc="The dtype before quantization: 'float32', 'float16' or 'bfloat16'.")
+                            doc="The dtype before quantization: 'float32', 'float16', 'bfloat16'.")
 
     @property
     def nbytes(self):

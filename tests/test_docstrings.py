@@ -45,6 +45,7 @@ MODULES = [
     "numba_lora.io.safetensors",
     "numba_lora.optim",
     "numba_lora.kernels.quantize",
+    "numba_lora.kernels.qlora",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every

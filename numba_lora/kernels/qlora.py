@@ -848,7 +848,9 @@ def forward_nf4(packed, absmax, code, blocksize, A, B, scaling, x, out):
     blocksize : int
         A power of two from 32 to 4096.
     A : ndarray of float32, shape (rank, in_features)
+        The LoRA down-projection.
     B : ndarray of float32, shape (out_features, rank)
+        The LoRA up-projection.
     scaling : float
         Multiplier of the low-rank term; ``0`` (or ``rank == 0``) skips it.
     x : ndarray of float32, shape (in_features,)
@@ -860,6 +862,28 @@ def forward_nf4(packed, absmax, code, blocksize, A, B, scaling, x, out):
     -------
     out : ndarray of float32, shape (out_features,)
         The same array as ``out``.
+
+    See Also
+    --------
+    forward_batch_nf4 : A batch of rows.
+    forward_nf4_dq : With double-quantized scales.
+    numba_lora.QLoraLinear.forward : The layer that calls it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels, nf4
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 64)).astype(np.float32)
+    >>> q = nf4.quantize(W, 64)
+    >>> A = rng.standard_normal((2, 64)).astype(np.float32)
+    >>> B = rng.standard_normal((8, 2)).astype(np.float32)
+    >>> x = rng.standard_normal(64).astype(np.float32)
+    >>> y = kernels.forward_nf4(q.packed, q.absmax, q.code, 64, A, B, 0.5, x,
+    ...                         np.empty(8, np.float32))
+    >>> ref = nf4.dequantize(q).astype(np.float64) @ x + 0.5 * B @ (A @ x)
+    >>> bool(np.allclose(y, ref, rtol=1e-4, atol=1e-4))
+    True
     """
     return _c_fwd(packed, absmax, code, blocksize, A, B, scaling, x, out)
 
@@ -875,8 +899,21 @@ def forward_batch_nf4(packed, absmax, code, blocksize, A, B, scaling, X, out):
 
     Parameters
     ----------
-    packed, absmax, code, blocksize, A, B, scaling
-        As in :func:`forward_nf4`.
+    packed : ndarray of uint8, shape ((out_features * in_features + 1) // 2,)
+        4-bit codes of the row-major flattened W, element ``2k`` in the high
+        nibble of byte ``k``.
+    absmax : ndarray of float32, shape (ceil(out_features * in_features / blocksize),)
+        Scale of each block of ``blocksize`` consecutive elements.
+    code : ndarray of float32, shape (16,)
+        The 4-bit code values (the NF4 table).
+    blocksize : int
+        A power of two from 32 to 4096.
+    A : ndarray of float32, shape (rank, in_features)
+        The LoRA down-projection.
+    B : ndarray of float32, shape (out_features, rank)
+        The LoRA up-projection.
+    scaling : float
+        Multiplier of the low-rank term; ``0`` (or ``rank == 0``) skips it.
     X : ndarray of float32, shape (batch, in_features)
         C-contiguous; ``batch`` may be 0.
     out : ndarray of float32, shape (batch, out_features)
@@ -885,6 +922,26 @@ def forward_batch_nf4(packed, absmax, code, blocksize, A, B, scaling, X, out):
     Returns
     -------
     out : ndarray of float32, shape (batch, out_features)
+        The same array as ``out``.
+
+    See Also
+    --------
+    forward_nf4 : One input vector.
+    forward_batch_nf4_dq : With double-quantized scales.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels, nf4
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 64)).astype(np.float32)
+    >>> q = nf4.quantize(W, 64)
+    >>> A, B = np.zeros((2, 64), np.float32), np.zeros((8, 2), np.float32)
+    >>> X = rng.standard_normal((3, 64)).astype(np.float32)
+    >>> Y = kernels.forward_batch_nf4(q.packed, q.absmax, q.code, 64, A, B, 1.0, X,
+    ...                               np.empty((3, 8), np.float32))
+    >>> bool(np.allclose(Y, X @ nf4.dequantize(q).T, rtol=1e-4, atol=1e-4))
+    True
     """
     return _c_fwd_batch(packed, absmax, code, blocksize, A, B, scaling, X, out)
 
@@ -900,19 +957,53 @@ def forward_nf4_dq(packed, absmax_q, nested_absmax, nested_code, offset, blocksi
     Parameters
     ----------
     packed : ndarray of uint8, shape ((out_features * in_features + 1) // 2,)
+        4-bit codes of the row-major flattened W, element ``2k`` in the high
+        nibble of byte ``k``.
     absmax_q : ndarray of uint8, shape (nblocks,)
         8-bit codes of the blocks' absmax,
         ``nblocks = ceil(out_features * in_features / blocksize)``.
     nested_absmax : ndarray of float32, shape (ceil(nblocks / 256),)
+        Scale of each block of 256 codes.
     nested_code : ndarray of float32, shape (256,)
+        The 8-bit map (:data:`numba_lora.nf4.DYNAMIC_CODE`).
     offset : float
         Added to every decoded absmax (rounded to float32 first).
-    blocksize, A, B, scaling, x, out
-        As in :func:`forward_nf4`.
+    blocksize : int
+        A power of two from 32 to 4096.
+    A : ndarray of float32, shape (rank, in_features)
+        The LoRA down-projection.
+    B : ndarray of float32, shape (out_features, rank)
+        The LoRA up-projection.
+    scaling : float
+        Multiplier of the low-rank term; ``0`` (or ``rank == 0``) skips it.
+    x : ndarray of float32, shape (in_features,)
+        Contiguous.
+    out : ndarray of float32, shape (out_features,)
+        Contiguous and writable; overwritten.
 
     Returns
     -------
     out : ndarray of float32, shape (out_features,)
+        The same array as ``out``.
+
+    See Also
+    --------
+    forward_nf4 : With float32 scales.
+    forward_batch_nf4_dq : A batch of rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels, nf4
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 64)).astype(np.float32)
+    >>> q = nf4.quantize(W, 64, double_quant=True)
+    >>> A, B = np.zeros((2, 64), np.float32), np.zeros((8, 2), np.float32)
+    >>> x = rng.standard_normal(64).astype(np.float32)
+    >>> y = kernels.forward_nf4_dq(q.packed, q.absmax_q, q.nested_absmax, q.nested_code,
+    ...                            q.offset, 64, A, B, 1.0, x, np.empty(8, np.float32))
+    >>> bool(np.allclose(y, nf4.dequantize(q) @ x, rtol=1e-4, atol=1e-4))
+    True
     """
     return _c_fwd_dq(packed, absmax_q, nested_absmax, nested_code, offset, blocksize, A, B,
                      scaling, x, out)
@@ -923,9 +1014,56 @@ def forward_batch_nf4_dq(packed, absmax_q, nested_absmax, nested_code, offset, b
                          scaling, X, out):
     """:func:`forward_batch_nf4` over double-quantized absmax (see :func:`forward_nf4_dq`).
 
+    Parameters
+    ----------
+    packed : ndarray of uint8, shape ((out_features * in_features + 1) // 2,)
+        4-bit codes of the row-major flattened W, element ``2k`` in the high
+        nibble of byte ``k``.
+    absmax_q : ndarray of uint8, shape (nblocks,)
+        8-bit codes of the blocks' absmax,
+        ``nblocks = ceil(out_features * in_features / blocksize)``.
+    nested_absmax : ndarray of float32, shape (ceil(nblocks / 256),)
+        Scale of each block of 256 codes.
+    nested_code : ndarray of float32, shape (256,)
+        The 8-bit map (:data:`numba_lora.nf4.DYNAMIC_CODE`).
+    offset : float
+        Added to every decoded absmax (rounded to float32 first).
+    blocksize : int
+        A power of two from 32 to 4096.
+    A : ndarray of float32, shape (rank, in_features)
+        The LoRA down-projection.
+    B : ndarray of float32, shape (out_features, rank)
+        The LoRA up-projection.
+    scaling : float
+        Multiplier of the low-rank term; ``0`` (or ``rank == 0``) skips it.
+    X : ndarray of float32, shape (batch, in_features)
+        C-contiguous; ``batch`` may be 0.
+    out : ndarray of float32, shape (batch, out_features)
+        C-contiguous and writable; overwritten.
+
     Returns
     -------
     out : ndarray of float32, shape (batch, out_features)
+        The same array as ``out``.
+
+    See Also
+    --------
+    forward_batch_nf4 : With float32 scales.
+    forward_nf4_dq : One input vector.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels, nf4
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 64)).astype(np.float32)
+    >>> q = nf4.quantize(W, 64, double_quant=True)
+    >>> A, B = np.zeros((2, 64), np.float32), np.zeros((8, 2), np.float32)
+    >>> X = rng.standard_normal((3, 64)).astype(np.float32)
+    >>> Y = kernels.forward_batch_nf4_dq(q.packed, q.absmax_q, q.nested_absmax, q.nested_code,
+    ...                                  q.offset, 64, A, B, 1.0, X, np.empty((3, 8), np.float32))
+    >>> bool(np.allclose(Y, X @ nf4.dequantize(q).T, rtol=1e-4, atol=1e-4))
+    True
     """
     return _c_fwd_batch_dq(packed, absmax_q, nested_absmax, nested_code, offset, blocksize, A,
                            B, scaling, X, out)
