@@ -46,6 +46,7 @@ MODULES = [
     "numba_lora.optim",
     "numba_lora.kernels.quantize",
     "numba_lora.kernels.qlora",
+    "numba_lora.kernels.train",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every

@@ -133,7 +133,9 @@ def forward_train(W, A, B, scaling, X, XL, Y, H):
     W : ndarray, shape (out_features, in_features)
         Frozen base weight.
     A : ndarray, shape (rank, in_features)
+        The LoRA down-projection.
     B : ndarray, shape (out_features, rank)
+        The LoRA up-projection.
     scaling : float
         Multiplier of the low-rank term; ``0`` gives ``Y = X @ W.T`` (H is
         still filled).
@@ -156,6 +158,25 @@ def forward_train(W, A, B, scaling, X, XL, Y, H):
     -----
     All arrays C-contiguous and of one float dtype; ``Y`` and ``H`` must not
     overlap the inputs.
+
+    See Also
+    --------
+    backward : Its gradients.
+    apply_dropout : Makes ``XL`` with LoRA dropout.
+    numba_lora.LoraLinear.forward_train : The layer's training forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W, A = rng.standard_normal((5, 4)), rng.standard_normal((2, 4))
+    >>> B = rng.standard_normal((5, 2))
+    >>> X, dY = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    >>> Y, H = np.empty((3, 5)), np.empty((3, 2))
+    >>> _ = kernels.forward_train(W, A, B, 0.5, X, X, Y, H)
+    >>> bool(np.allclose(Y, X @ W.T + 0.5 * (X @ A.T) @ B.T)), bool(np.allclose(H, X @ A.T))
+    (True, True)
     """
     return _forward_train_checked(W, A, B, scaling, X, XL, Y, H)
 
@@ -193,6 +214,7 @@ def apply_dropout(X, mask, keep_scale, out):
     Parameters
     ----------
     X : ndarray, shape (batch, in_features)
+        The input rows.
     mask : ndarray of bool, shape (batch, in_features)
         True keeps the element.  Draw it in Python from a seedable
         generator, e.g. ``rng.random(X.shape) >= p``.
@@ -207,6 +229,22 @@ def apply_dropout(X, mask, keep_scale, out):
     Returns
     -------
     out : ndarray
+        The same array as ``out``.
+
+    See Also
+    --------
+    forward_train : Takes the result as ``XL``.
+    backward_dropout : The backward with the same mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> X = np.arange(1.0, 7.0).reshape(2, 3)
+    >>> mask = np.array([[True, False, True], [False, True, True]])
+    >>> kernels.apply_dropout(X, mask, 2.0, np.empty_like(X))
+    array([[ 2.,  0.,  6.],
+           [ 0., 10., 12.]])
     """
     return _apply_dropout_checked(X, mask, keep_scale, out)
 
@@ -347,8 +385,11 @@ def backward(W, A, B, scaling, XL, H, dY, dX, dA, dB, beta):
     Parameters
     ----------
     W : ndarray, shape (out_features, in_features)
+        Frozen base weight.
     A : ndarray, shape (rank, in_features)
+        The LoRA down-projection.
     B : ndarray, shape (out_features, rank)
+        The LoRA up-projection.
     scaling : float
         ``s``; with ``0`` the factor gradients get no contribution
         (``dA = beta * dA``, ``dB = beta * dB``) and ``dX = dY @ W``.
@@ -361,16 +402,40 @@ def backward(W, A, B, scaling, XL, H, dY, dX, dA, dB, beta):
     dX : ndarray, shape (batch, in_features)
         Overwritten with the gradient with respect to ``X``.
     dA : ndarray, shape (rank, in_features)
+        Gradient with respect to ``A``, overwritten or accumulated (``beta``).
     dB : ndarray, shape (out_features, rank)
-        Factor gradients: ``beta = 0`` overwrites them (whatever they held,
-        NaN included, as BLAS does), ``beta = 1`` accumulates (micro-batches).
+        Gradient with respect to ``B``, overwritten or accumulated (``beta``).
     beta : float
+        ``0`` overwrites ``dA`` and ``dB`` (whatever they held, NaN included,
+        as BLAS does), ``1`` accumulates into them (micro-batches).
 
     Notes
     -----
     Cost: the one dense product ``dY @ W`` plus products of width ``rank``.
     To skip ``dX`` (the first adapted layer of a network), use
     :func:`backward_factors`.  Outputs must not overlap inputs.
+
+    See Also
+    --------
+    forward_train : The forward it differentiates.
+    backward_dropout : With LoRA dropout.
+    backward_factors : dA and dB only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W, A = rng.standard_normal((5, 4)), rng.standard_normal((2, 4))
+    >>> B = rng.standard_normal((5, 2))
+    >>> X, dY = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    >>> H = X @ A.T
+    >>> dX, dA, dB = np.empty((3, 4)), np.empty((2, 4)), np.empty((5, 2))
+    >>> kernels.backward(W, A, B, 0.5, X, H, dY, dX, dA, dB, 0.0)
+    >>> bool(np.allclose(dA, 0.5 * (dY @ B).T @ X)), bool(np.allclose(dB, 0.5 * dY.T @ H))
+    (True, True)
+    >>> bool(np.allclose(dX, dY @ W + 0.5 * (dY @ B) @ A))
+    True
     """
     _backward_checked(W, A, B, scaling, XL, H, dY, dX, dA, dB, beta)
 
@@ -385,12 +450,57 @@ def backward_dropout(W, A, B, scaling, XL, H, dY, mask, keep_scale, dX, dA, dB, 
 
     Parameters
     ----------
+    W : ndarray, shape (out_features, in_features)
+        Frozen base weight.
+    A : ndarray, shape (rank, in_features)
+        The LoRA down-projection.
+    B : ndarray, shape (out_features, rank)
+        The LoRA up-projection.
+    scaling : float
+        ``s``; with ``0`` the factor gradients get no contribution
+        (``dA = beta * dA``, ``dB = beta * dB``) and ``dX = dY @ W``.
+    XL : ndarray, shape (batch, in_features)
+        The LoRA branch's input of the forward (after dropout).
+    H : ndarray, shape (batch, rank)
+        ``XL @ A.T``, as :func:`forward_train` left it.
+    dY : ndarray, shape (batch, out_features)
+        Gradient of the loss with respect to ``Y``; ``batch`` may be 0.
     mask : ndarray of bool, shape (batch, in_features)
         The forward's dropout mask (True keeps).
     keep_scale : float
         ``1 / (1 - p)``, finite and ``>= 1``, rounded once to the dtype.
+    dX : ndarray, shape (batch, in_features)
+        Overwritten with the gradient with respect to ``X``.
+    dA : ndarray, shape (rank, in_features)
+        Gradient with respect to ``A``, overwritten or accumulated (``beta``).
+    dB : ndarray, shape (out_features, rank)
+        Gradient with respect to ``B``, overwritten or accumulated (``beta``).
+    beta : float
+        ``0`` overwrites ``dA`` and ``dB`` (whatever they held, NaN included,
+        as BLAS does), ``1`` accumulates into them (micro-batches).
 
-    Other parameters as for :func:`backward`.
+    See Also
+    --------
+    backward : Without dropout.
+    apply_dropout : Makes ``XL`` from the same mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W, A = rng.standard_normal((5, 4)), rng.standard_normal((2, 4))
+    >>> B = rng.standard_normal((5, 2))
+    >>> X, dY = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    >>> mask = rng.random((3, 4)) >= 0.5
+    >>> XL = kernels.apply_dropout(X, mask, 2.0, np.empty_like(X))
+    >>> H = XL @ A.T
+    >>> dX, dA, dB = np.empty((3, 4)), np.empty((2, 4)), np.empty((5, 2))
+    >>> kernels.backward_dropout(W, A, B, 0.5, XL, H, dY, mask, 2.0, dX, dA, dB, 0.0)
+    >>> bool(np.allclose(dX, dY @ W + (0.5 * (dY @ B) @ A) * (mask * 2.0)))
+    True
+    >>> bool(np.allclose(dA, 0.5 * (dY @ B).T @ XL))
+    True
     """
     _backward_dropout_checked(W, A, B, scaling, XL, H, dY, mask, keep_scale, dX, dA, dB, beta)
 
@@ -403,7 +513,43 @@ def backward_factors(B, scaling, XL, H, dY, dA, dB, beta):
     gradient: costs only products of width ``rank``.  Dropout changes
     nothing here beyond ``XL`` (pass the dropped-out input).
 
-    Parameters as for :func:`backward` (``B`` gives out_features and rank).
+    Parameters
+    ----------
+    B : ndarray, shape (out_features, rank)
+        The LoRA up-projection (it also gives out_features and rank).
+    scaling : float
+        ``s``; with ``0`` the gradients get no contribution.
+    XL : ndarray, shape (batch, in_features)
+        The LoRA branch's input of the forward (after dropout, if any).
+    H : ndarray, shape (batch, rank)
+        ``XL @ A.T``, as :func:`forward_train` left it.
+    dY : ndarray, shape (batch, out_features)
+        Gradient of the loss with respect to ``Y``; ``batch`` may be 0.
+    dA : ndarray, shape (rank, in_features)
+        Gradient with respect to ``A``, overwritten or accumulated (``beta``).
+    dB : ndarray, shape (out_features, rank)
+        Gradient with respect to ``B``, overwritten or accumulated (``beta``).
+    beta : float
+        ``0`` overwrites ``dA`` and ``dB`` (whatever they held, NaN included,
+        as BLAS does), ``1`` accumulates into them (micro-batches).
+
+    See Also
+    --------
+    backward : Also dX.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> W, A = rng.standard_normal((5, 4)), rng.standard_normal((2, 4))
+    >>> B = rng.standard_normal((5, 2))
+    >>> X, dY = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    >>> H = X @ A.T
+    >>> dA, dB = np.zeros((2, 4)), np.zeros((5, 2))
+    >>> kernels.backward_factors(B, 0.5, X, H, dY, dA, dB, 1.0)    # accumulate into zeros
+    >>> bool(np.allclose(dA, 0.5 * (dY @ B).T @ X)), bool(np.allclose(dB, 0.5 * dY.T @ H))
+    (True, True)
     """
     _backward_factors_checked(B, scaling, XL, H, dY, dA, dB, beta)
 
@@ -562,6 +708,7 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
     param : ndarray, 2-D
         Updated in place.
     grad : ndarray, param's shape
+        The gradient of the loss with respect to ``param``.
     exp_avg, exp_avg_sq : ndarray, param's shape
         Moments, updated in place (zeros before the first step).
     step : int
@@ -576,6 +723,23 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
     All arrays of one dtype, C-contiguous, none overlapping another.  The
     result is the same bits for any thread count (elements are
     independent).
+
+    See Also
+    --------
+    adamw_step_serial : The same on the calling thread.
+    numba_lora.AdamW : The optimizer that calls it for every factor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> param, grad = np.ones((2, 3)), np.full((2, 3), 0.5)
+    >>> m, v = np.zeros((2, 3)), np.zeros((2, 3))
+    >>> kernels.adamw_step(param, grad, m, v, 1, 0.1, 0.9, 0.999, 1e-8, 0.0)
+    >>> bool(np.allclose(param, 0.9))           # the first step moves each element by lr
+    True
+    >>> bool(np.allclose(m, 0.05)), bool(np.allclose(v, 0.00025))
+    (True, True)
     """
     _adamw_checked(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
 
@@ -583,7 +747,38 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 @njit(**EXACT_OPTIONS)
 def adamw_step_serial(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
                       weight_decay):
-    """:func:`adamw_step` on the calling thread (for a caller's own ``prange``); same bits."""
+    """:func:`adamw_step` on the calling thread (for a caller's own ``prange``); same bits.
+
+    Parameters
+    ----------
+    param : ndarray, 2-D
+        Updated in place.
+    grad : ndarray, param's shape
+        The gradient of the loss with respect to ``param``.
+    exp_avg, exp_avg_sq : ndarray, param's shape
+        Moments, updated in place (zeros before the first step).
+    step : int
+        The step count including this update (1 for the first call).
+    lr, beta1, beta2, eps, weight_decay : float
+        ``lr >= 0``, betas in ``[0, 1)``, ``eps >= 0``, ``weight_decay >= 0``,
+        all finite; else :class:`~numba_lora.LoraConfigError` with nothing
+        written.
+
+    See Also
+    --------
+    adamw_step : The same on Numba's threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> p1, p2, grad = np.ones((2, 3)), np.ones((2, 3)), np.full((2, 3), 0.5)
+    >>> m1, v1, m2, v2 = (np.zeros((2, 3)) for _ in range(4))
+    >>> kernels.adamw_step_serial(p1, grad, m1, v1, 1, 0.1, 0.9, 0.999, 1e-8, 0.01)
+    >>> kernels.adamw_step(p2, grad, m2, v2, 1, 0.1, 0.9, 0.999, 1e-8, 0.01)
+    >>> bool((p1 == p2).all())
+    True
+    """
     _adamw_serial_checked(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
                           weight_decay)
 
@@ -675,6 +870,7 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
     param : ndarray, 2-D
         Updated in place.
     grad : ndarray, param's shape
+        The gradient of the loss with respect to ``param``.
     momentum_buffer : ndarray, param's shape
         Updated in place when ``momentum != 0`` (not read when ``first``).
     lr, momentum, dampening, weight_decay : float
@@ -683,6 +879,25 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
         1 for Nesterov momentum (needs ``momentum > 0``, ``dampening == 0``).
     first : int
         1 on the first step: the buffer starts as the gradient.
+
+    See Also
+    --------
+    sgd_step_serial : The same on the calling thread.
+    numba_lora.SGD : The optimizer that calls it for every factor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> param, grad, buf = np.ones((2, 2)), np.full((2, 2), 0.5), np.empty((2, 2))
+    >>> kernels.sgd_step(param, grad, buf, 0.1, 0.9, 0.0, 0.0, 0, 1)
+    >>> param
+    array([[0.95, 0.95],
+           [0.95, 0.95]])
+    >>> kernels.sgd_step(param, grad, buf, 0.1, 0.9, 0.0, 0.0, 0, 0)   # buf = 0.9 * 0.5 + 0.5
+    >>> param
+    array([[0.855, 0.855],
+           [0.855, 0.855]])
     """
     _sgd_checked(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,
                  first)
@@ -691,6 +906,36 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
 @njit(**EXACT_OPTIONS)
 def sgd_step_serial(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
                     nesterov, first):
-    """:func:`sgd_step` on the calling thread; same bits."""
+    """:func:`sgd_step` on the calling thread; same bits.
+
+    Parameters
+    ----------
+    param : ndarray, 2-D
+        Updated in place.
+    grad : ndarray, param's shape
+        The gradient of the loss with respect to ``param``.
+    momentum_buffer : ndarray, param's shape
+        Updated in place when ``momentum != 0`` (not read when ``first``).
+    lr, momentum, dampening, weight_decay : float
+        Finite; ``lr``, ``momentum``, ``weight_decay >= 0``.
+    nesterov : int
+        1 for Nesterov momentum (needs ``momentum > 0``, ``dampening == 0``).
+    first : int
+        1 on the first step: the buffer starts as the gradient.
+
+    See Also
+    --------
+    sgd_step : The same on Numba's threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import kernels
+    >>> param, grad, buf = np.ones((2, 2)), np.full((2, 2), 0.5), np.empty((2, 2))
+    >>> kernels.sgd_step_serial(param, grad, buf, 0.1, 0.0, 0.0, 0.0, 0, 1)
+    >>> param
+    array([[0.95, 0.95],
+           [0.95, 0.95]])
+    """
     _sgd_serial_checked(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
                         nesterov, first)
