@@ -98,6 +98,12 @@ class LoraLinear(FrozenWeight):
     lora_b : ndarray, shape (out_features, rank)
         Read-only view of B.  Starts at zero, so a new layer computes ``W x``.
 
+    See Also
+    --------
+    numba_lora.QLoraLinear : The same layer over an NF4-quantized W.
+    numba_lora.MultiLoraLinear : One W shared by several adapters.
+    numba_lora.LoraAdapter : Named layers under one configuration (PEFT files).
+
     Notes
     -----
     While disabled the layer computes ``W_base x`` in every state.  While
@@ -239,12 +245,30 @@ class LoraLinear(FrozenWeight):
         merged, W is updated so that it stays ``W_base + scaling * B @ A_new``
         (up to one rounding per element).
 
+        Parameters
+        ----------
+        a : array_like, shape (rank, in_features)
+            The new A; real numbers.
+
         Raises
         ------
         LoraShapeError
             If ``a`` has the wrong shape; the message names the dimension.
         LoraDtypeError
             If ``a`` does not hold real numbers.
+
+        See Also
+        --------
+        set_lora_b : The same for B.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.set_lora_a([[1.0, 0.0, 0.0]])
+        >>> layer.lora_a
+        array([[1., 0., 0.]])
         """
         new = as_factor(a, "lora_a", (self._rank, self.in_features),
                         ("rank", "in_features"), self.dtype)
@@ -254,6 +278,25 @@ class LoraLinear(FrozenWeight):
         """Replace B with a copy of ``b``, shape (out_features, rank).
 
         See :meth:`set_lora_a` for conversion, errors and the merged case.
+
+        Parameters
+        ----------
+        b : array_like, shape (out_features, rank)
+            The new B; real numbers.
+
+        See Also
+        --------
+        set_lora_a : The same for A (conversion, errors, the merged case).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.set_lora_a([[1.0, 0.0, 0.0]])
+        >>> layer.set_lora_b([[1.0], [0.0], [0.0]])
+        >>> layer([1.0, 0.0, 0.0])                     # W x + 2 * B (A x)
+        array([3., 0., 0.])
         """
         new = as_factor(b, "lora_b", (self.out_features, self._rank),
                         ("out_features", "rank"), self.dtype)
@@ -307,12 +350,45 @@ class LoraLinear(FrozenWeight):
         return self._enabled
 
     def enable(self) -> None:
-        """Let the low-rank update take part in the output again."""
+        """Let the low-rank update take part in the output again.
+
+        See Also
+        --------
+        disable : The opposite.
+        disable_adapter : Disabled for a ``with`` block.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((3, 1))
+        >>> layer.disable()
+        >>> layer.enable()
+        >>> layer.is_enabled
+        True
+        """
         with self._lock.write():
             self._enabled = True
 
     def disable(self) -> None:
-        """Compute ``W_base x`` only, whether merged or not."""
+        """Compute ``W_base x`` only, whether merged or not.
+
+        See Also
+        --------
+        enable : The opposite.
+        disable_adapter : Disabled for a ``with`` block.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((3, 1))
+        >>> layer.disable()
+        >>> layer([1.0, 2.0, 3.0])                     # W x alone
+        array([1., 2., 3.])
+        """
         with self._lock.write():
             self._enabled = False
 
@@ -339,6 +415,23 @@ class LoraLinear(FrozenWeight):
         LoraNonFiniteError
             With ``check_finite=True``, if the merge would produce NaN or
             infinity.  W is untouched.
+
+        See Also
+        --------
+        unmerge : Take the update out of W again.
+        numba_lora.kernels.merge : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((3, 1))
+        >>> x = np.array([1.0, 2.0, 3.0])
+        >>> y = layer(x)
+        >>> layer.merge()
+        >>> layer.is_merged, bool(np.allclose(layer(x), y))
+        (True, True)
         """
         with self._lock.write():
             if self._merged:
@@ -368,6 +461,22 @@ class LoraLinear(FrozenWeight):
         ------
         LoraStateError
             If the layer is not merged.
+
+        See Also
+        --------
+        merge : Add the update into W.
+        numba_lora.kernels.unmerge : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((3, 1))
+        >>> layer.merge()
+        >>> layer.unmerge()
+        >>> layer.is_merged, bool(np.allclose(layer.weight, np.eye(3)))
+        (False, True)
         """
         with self._lock.write():
             if not self._merged:
@@ -400,6 +509,22 @@ class LoraLinear(FrozenWeight):
         -------
         ndarray, shape (out_features,)
             In the layer's dtype.
+
+        See Also
+        --------
+        forward_batch : Rows of a batch.
+        __call__ : Any number of leading dimensions.
+        numba_lora.kernels.forward : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((3, 1))
+        >>> x = np.array([1.0, 2.0, 3.0])
+        >>> bool(np.allclose(layer.forward(x), x + 2.0 * layer.lora_b @ (layer.lora_a @ x)))
+        True
         """
         # Decoding calls this once per token and layer, right after the
         # previous call streamed a W through the caches, so every line of
@@ -441,6 +566,22 @@ class LoraLinear(FrozenWeight):
         -------
         ndarray, shape (batch, out_features)
             In the layer's dtype.
+
+        See Also
+        --------
+        forward : One vector.
+        __call__ : Any number of leading dimensions.
+        numba_lora.kernels.forward_batch : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> X = np.arange(6.0).reshape(2, 3)
+        >>> layer.forward_batch(X)                     # B is zero: W x alone
+        array([[0., 1., 2.],
+               [3., 4., 5.]])
         """
         given = X
         X = self._as_input(X, "X")
@@ -457,6 +598,31 @@ class LoraLinear(FrozenWeight):
         """Apply the layer to ``x`` of shape (..., in_features).
 
         Returns shape (..., out_features); see :meth:`forward_batch`.
+
+        Parameters
+        ----------
+        x : array_like, shape (..., in_features)
+            Input; real input of another dtype is converted to the layer's.
+        out : ndarray, shape (..., out_features), optional
+            Where to write the result (layer dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray, shape (..., out_features)
+            In the layer's dtype.
+
+        See Also
+        --------
+        forward : One vector.
+        forward_batch : Rows of a batch.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> layer(np.ones((2, 4, 3))).shape
+        (2, 4, 3)
         """
         given = x
         x = self._as_input(x, "x")
@@ -522,6 +688,7 @@ class LoraLinear(FrozenWeight):
         Returns
         -------
         Y : ndarray, shape (..., out_features)
+            The output, in the layer's dtype.
         ctx : TrainContext
             For :meth:`backward` of this layer.
 
@@ -536,10 +703,26 @@ class LoraLinear(FrozenWeight):
         LoraShapeError, LoraDtypeError
             If ``X`` or ``mask`` has the wrong shape, or ``mask`` is not bool.
 
+        See Also
+        --------
+        backward : The gradients, from this forward's context.
+        numba_lora.AdamW : A step over the gradients.
+        numba_lora.kernels.train.forward_train : The kernel.
+
         Notes
         -----
         A disabled layer computes ``Y = X @ W.T``; its backward gives
         ``dX = dY @ W`` and leaves the factor gradients as they are.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> X = np.ones((2, 3))
+        >>> Y, ctx = layer.forward_train(X, dropout=0.1, rng=0)
+        >>> Y.shape, ctx.batch
+        ((2, 3), 2)
         """
         p = check_dropout(dropout)
         given_mask = mask
@@ -623,10 +806,27 @@ class LoraLinear(FrozenWeight):
         LoraShapeError
             If ``dY`` does not have the forward output's shape.
 
+        See Also
+        --------
+        forward_train : Makes ``ctx``.
+        zero_grad : Forget the gradients.
+        numba_lora.kernels.train.backward : The kernel.
+
         Notes
         -----
         The gradients of one layer are written by one backward at a time:
         do not run backwards of the same layer from two threads at once.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> X = np.ones((2, 3))
+        >>> Y, ctx = layer.forward_train(X)
+        >>> dX = layer.backward(np.ones_like(Y), ctx)
+        >>> dX.shape, layer.grad_a.shape, layer.grad_b.shape
+        ((2, 3), (1, 3), (3, 1))
         """
         input_grad = check_flag(input_grad, "input_grad")
         if not isinstance(ctx, TrainContext) or ctx.layer is not self:
@@ -690,6 +890,21 @@ class LoraLinear(FrozenWeight):
 
         Nothing is written: the next :meth:`backward` overwrites the
         gradient buffers instead of adding to them.
+
+        See Also
+        --------
+        backward : Writes the gradients.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> Y, ctx = layer.forward_train(np.ones((2, 3)))
+        >>> _ = layer.backward(Y, ctx)
+        >>> layer.zero_grad()
+        >>> layer.grad_a is None and layer.grad_b is None
+        True
         """
         self._grads_valid = False
 
@@ -701,7 +916,27 @@ class LoraLinear(FrozenWeight):
 
     # ------------------------------------------------------------- utilities
     def copy(self) -> LoraLinear:
-        """An independent copy: its own arrays and lock, the same merge and enabled state."""
+        """An independent copy: its own arrays and lock, the same merge and enabled state.
+
+        Returns
+        -------
+        LoraLinear
+            A new layer, equal to this one and independent of it.
+
+        See Also
+        --------
+        copy.deepcopy : The same.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraLinear
+        >>> layer = LoraLinear(np.eye(3), rank=1, alpha=2.0, seed=0)
+        >>> twin = layer.copy()
+        >>> twin.lora_b = np.ones((3, 1))
+        >>> bool((layer.lora_b == 0).all())
+        True
+        """
         with self._lock.read():
             new = object.__new__(type(self))
             new.__dict__.update(self.__dict__)
@@ -756,6 +991,10 @@ class LoraLinear(FrozenWeight):
         ------
         LoraLinear
             This layer.
+
+        See Also
+        --------
+        disable, enable : The same state, changed for good.
 
         Examples
         --------

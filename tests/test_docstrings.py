@@ -47,6 +47,7 @@ MODULES = [
     "numba_lora.kernels.quantize",
     "numba_lora.kernels.qlora",
     "numba_lora.kernels.train",
+    "numba_lora.layer",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every
