@@ -63,6 +63,12 @@ class QLoraLinear:
     lora_b : ndarray of float32, shape (out_features, rank)
         Read-only view of B; starts at zero, so a new layer computes ``deq(W) x``.
 
+    See Also
+    --------
+    numba_lora.LoraLinear : The same layer over a float W (can merge).
+    numba_lora.nf4.quantize : The quantization of W.
+    numba_lora.kernels.forward_nf4 : The forward kernel.
+
     Notes
     -----
     Everything is float32: inputs of another real dtype are converted, and
@@ -234,12 +240,31 @@ class QLoraLinear:
     def set_lora_a(self, a: ArrayLike) -> None:
         """Replace A with a float32 copy of ``a``, shape (rank, in_features).
 
+        Parameters
+        ----------
+        a : array_like, shape (rank, in_features)
+            The new A; real numbers.
+
         Raises
         ------
         LoraShapeError
             If ``a`` has the wrong shape; the message names the dimension.
         LoraDtypeError
             If ``a`` does not hold real numbers.
+
+        See Also
+        --------
+        set_lora_b : The same for B.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> layer.set_lora_a(np.ones((1, 64)))
+        >>> layer.lora_a.dtype
+        dtype('float32')
         """
         new = as_factor(a, "lora_a", (self._rank, self.in_features), ("rank", "in_features"),
                         _F32)
@@ -250,6 +275,27 @@ class QLoraLinear:
         """Replace B with a float32 copy of ``b``, shape (out_features, rank).
 
         See :meth:`set_lora_a`.
+
+        Parameters
+        ----------
+        b : array_like, shape (out_features, rank)
+            The new B; real numbers.
+
+        See Also
+        --------
+        set_lora_a : The same for A (conversion and errors).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> x = np.ones(64, np.float32)
+        >>> layer.set_lora_a(np.ones((1, 64)) / 64)
+        >>> layer.set_lora_b(np.ones((4, 1)))
+        >>> bool(np.allclose(layer(x), layer.dequantize_weight() @ x + 2.0, atol=1e-4))
+        True
         """
         new = as_factor(b, "lora_b", (self.out_features, self._rank), ("out_features", "rank"),
                         _F32)
@@ -285,6 +331,26 @@ class QLoraLinear:
         """The base weight as float32, shape (out_features, in_features): a new array.
 
         Bit for bit what bitsandbytes' dequantize gives (see :mod:`numba_lora.nf4`).
+
+        Returns
+        -------
+        ndarray of float32, shape (out_features, in_features)
+            A new, writable array.
+
+        See Also
+        --------
+        numba_lora.nf4.dequantize : The same for an :class:`~numba_lora.nf4.NF4Weight`.
+        to_lora_linear : A float layer over this weight.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> Wq = layer.dequantize_weight()
+        >>> Wq.shape, float(np.abs(Wq - W).max()) < 0.5
+        ((4, 64), True)
         """
         return nf4.dequantize(self._q)
 
@@ -300,12 +366,47 @@ class QLoraLinear:
         return self._enabled
 
     def enable(self) -> None:
-        """Let the low-rank update take part in the output again."""
+        """Let the low-rank update take part in the output again.
+
+        See Also
+        --------
+        disable : The opposite.
+        disable_adapter : Disabled for a ``with`` block.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> layer.disable()
+        >>> layer.enable()
+        >>> layer.is_enabled
+        True
+        """
         with self._lock.write():
             self._enabled = True
 
     def disable(self) -> None:
-        """Compute ``deq(W) x`` only."""
+        """Compute ``deq(W) x`` only.
+
+        See Also
+        --------
+        enable : The opposite.
+        disable_adapter : Disabled for a ``with`` block.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> layer.lora_b = np.ones((4, 1))
+        >>> layer.disable()
+        >>> x = np.ones(64, np.float32)
+        >>> bool(np.allclose(layer(x), layer.dequantize_weight() @ x, atol=1e-4))
+        True
+        """
         with self._lock.write():
             self._enabled = False
 
@@ -315,6 +416,27 @@ class QLoraLinear:
 
         On exit, even by an exception, the layer gets back the enabled state
         it had on entry.
+
+        Yields
+        ------
+        QLoraLinear
+            This layer.
+
+        See Also
+        --------
+        disable, enable : The same state, changed for good.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> with layer.disable_adapter():
+        ...     layer.is_enabled
+        False
+        >>> layer.is_enabled
+        True
         """
         was_enabled = self.is_enabled
         self.disable()
@@ -335,6 +457,12 @@ class QLoraLinear:
         (measured with bitsandbytes' rules, 1024 x 1024 at rank 16: the
         merged layer's output error is 1.05-1.15x the size of the update).
 
+        Parameters
+        ----------
+        check_finite : bool, optional
+            Accepted for the same signature as :meth:`LoraLinear.merge
+            <numba_lora.LoraLinear.merge>`; the call is refused either way.
+
         Raises
         ------
         LoraUnsupportedError
@@ -342,6 +470,23 @@ class QLoraLinear:
             fast path here: the forward reads the 4-bit codes plus A and B),
             or :meth:`to_lora_linear` for a float32 layer with the
             dequantized base and the same A and B, which merges exactly.
+
+        See Also
+        --------
+        to_lora_linear : A float32 layer that merges exactly.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> from numba_lora import LoraUnsupportedError
+        >>> try:
+        ...     layer.merge()
+        ... except LoraUnsupportedError:
+        ...     print("refused")
+        refused
         """
         raise LoraUnsupportedError(
             "QLoraLinear cannot merge: rounding deq(W) + scaling * B @ A back to 4-bit NF4 "
@@ -357,6 +502,23 @@ class QLoraLinear:
         ------
         LoraStateError
             Always.
+
+        See Also
+        --------
+        merge : Refused too.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> from numba_lora import LoraStateError
+        >>> try:
+        ...     layer.unmerge()
+        ... except LoraStateError:
+        ...     print("refused")
+        refused
         """
         raise LoraStateError("cannot unmerge: a QLoraLinear is never merged")
 
@@ -366,6 +528,28 @@ class QLoraLinear:
         Same alpha, rank, rsLoRA and enabled state; its forward equals this
         layer's up to float32 rounding, and its :meth:`~numba_lora.LoraLinear.merge`
         is exact (float32 W + delta).  Costs a float32 W (4 bytes per weight).
+
+        Returns
+        -------
+        LoraLinear
+            A new float32 layer, independent of this one.
+
+        See Also
+        --------
+        dequantize_weight : The base weight alone.
+        numba_lora.LoraLinear.merge : What the float layer can do.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> dense = layer.to_lora_linear()
+        >>> dense.merge()
+        >>> x = np.ones(64, np.float32)
+        >>> bool(np.allclose(dense(x), layer(x), atol=1e-4))
+        True
         """
         from .layer import LoraLinear
 
@@ -408,6 +592,22 @@ class QLoraLinear:
         Returns
         -------
         ndarray of float32, shape (out_features,)
+            ``out`` when given, else a new array.
+
+        See Also
+        --------
+        forward_batch : Rows of a batch.
+        numba_lora.kernels.forward_nf4 : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> x = np.ones(64, np.float32)
+        >>> bool(np.allclose(layer.forward(x), layer.dequantize_weight() @ x, atol=1e-4))
+        True
         """
         given = x
         x = self._as_input(x, "x")
@@ -429,10 +629,27 @@ class QLoraLinear:
         X : array_like, shape (batch, in_features)
             Input rows; ``batch`` may be 0.
         out : ndarray of float32, shape (batch, out_features), optional
+            Where to write the result (C-contiguous, not overlapping X).
 
         Returns
         -------
         ndarray of float32, shape (batch, out_features)
+            ``out`` when given, else a new array.
+
+        See Also
+        --------
+        forward : One vector.
+        numba_lora.kernels.forward_batch_nf4 : The kernel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> X = np.ones((3, 64), np.float32)
+        >>> layer.forward_batch(X).shape
+        (3, 4)
         """
         given = X
         X = self._as_input(X, "X")
@@ -447,7 +664,34 @@ class QLoraLinear:
 
     def __call__(self, x: ArrayLike,
                  out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
-        """Apply the layer to ``x`` of shape (..., in_features); returns (..., out_features)."""
+        """Apply the layer to ``x`` of shape (..., in_features); returns (..., out_features).
+
+        Parameters
+        ----------
+        x : array_like, shape (..., in_features)
+            Input; real input of another dtype is converted to float32.
+        out : ndarray of float32, shape (..., out_features), optional
+            Where to write the result (C-contiguous, not overlapping x).
+
+        Returns
+        -------
+        ndarray of float32, shape (..., out_features)
+            ``out`` when given, else a new array.
+
+        See Also
+        --------
+        forward : One vector.
+        forward_batch : Rows of a batch.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> layer(np.ones((2, 5, 64))).shape
+        (2, 5, 4)
+        """
         given = x
         x = self._as_input(x, "x")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
@@ -464,7 +708,27 @@ class QLoraLinear:
 
     # ------------------------------------------------------------- utilities
     def copy(self) -> QLoraLinear:
-        """An independent copy: its own A, B and lock; the immutable base is shared."""
+        """An independent copy: its own A, B and lock; the immutable base is shared.
+
+        Returns
+        -------
+        QLoraLinear
+            A new layer, equal to this one; its factors are its own.
+
+        See Also
+        --------
+        copy.deepcopy : The same.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import QLoraLinear
+        >>> W = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        >>> layer = QLoraLinear(W, rank=1, alpha=2.0, seed=0)
+        >>> twin = layer.copy()
+        >>> twin.quantized is layer.quantized, twin.lora_a is layer.lora_a
+        (True, False)
+        """
         with self._lock.read():
             new = object.__new__(type(self))
             new.__dict__.update(self.__dict__)

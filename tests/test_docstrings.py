@@ -48,6 +48,7 @@ MODULES = [
     "numba_lora.kernels.qlora",
     "numba_lora.kernels.train",
     "numba_lora.layer",
+    "numba_lora.qlora",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every
