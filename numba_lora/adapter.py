@@ -21,7 +21,37 @@ __all__ = ["LoraAdapter", "AdapterSummary"]
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """Totals of an adapter, from :meth:`LoraAdapter.summary`."""
+    """Totals of an adapter, from :meth:`LoraAdapter.summary`.
+
+    Attributes
+    ----------
+    num_layers : int
+        Number of layers.
+    total_trainable : int
+        Elements of every layer's A and B.
+    total_original : int
+        Elements of every layer's base weight.
+    compression_ratio : float
+        ``total_trainable / (total_original + total_trainable)``.
+    rank : int
+        The config's ``r``.
+    alpha : float
+        The config's ``lora_alpha``.
+
+    See Also
+    --------
+    LoraAdapter.summary : Makes it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_lora import LoraAdapter, LoraConfig
+    >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+    >>> fc = adapter.add_layer("fc", np.eye(3))
+    >>> s = adapter.summary()
+    >>> s.num_layers, s.total_trainable, s.total_original, s.compression_ratio
+    (1, 6, 9, 0.4)
+    """
 
     num_layers: int
     total_trainable: int
@@ -39,6 +69,12 @@ class LoraAdapter:
     config : LoraConfig
         Rank, alpha and the rest, shared by the layers (``rank_pattern`` and
         ``alpha_pattern`` override them per module name).
+
+    See Also
+    --------
+    LoraAdapter.from_peft : Load a PEFT adapter directory.
+    numba_lora.LoraLinear : One layer.
+    numba_lora.LoraConfig : The shared configuration.
 
     Examples
     --------
@@ -78,6 +114,22 @@ class LoraAdapter:
         are looked up with or without a leading ``model.``, ``x`` and
         ``model.x`` cannot both be layers.
 
+        Parameters
+        ----------
+        name : str
+            The module name, as PEFT spells it (``"model.layers.0.self_attn.q_proj"``).
+        weight : array_like
+            The base weight (see above for its orientation).
+        seed : int, numpy.random.Generator or None, optional
+            Source of the layer's initial ``lora_a``.
+        init : {"peft", "gaussian", "pissa"}, optional
+            How the factors start, as for :class:`LoraLinear`.
+
+        Returns
+        -------
+        LoraLinear
+            The new layer (also ``adapter[name]``).
+
         Raises
         ------
         LoraTypeError
@@ -87,6 +139,19 @@ class LoraAdapter:
             If ``name`` breaks the rule above or is already used.
         LoraShapeError, LoraDtypeError
             If ``weight`` is not a 2-D float array.
+
+        See Also
+        --------
+        numba_lora.LoraLinear : The layer it makes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> fc.rank, fc.scaling, adapter["fc"] is fc
+        (1, 2.0, True)
         """
         check_module_name(name)
         if name in self._layers:
@@ -134,11 +199,50 @@ class LoraAdapter:
         return list(self._layers)
 
     def items(self) -> ItemsView[str, LoraLinear]:
-        """(name, layer) pairs in insertion order."""
+        """(name, layer) pairs in insertion order.
+
+        Returns
+        -------
+        ItemsView of (str, LoraLinear)
+            A live view of the layers by name.
+
+        See Also
+        --------
+        layers : The layers alone.
+        layer_names : The names alone.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> [(name, layer.rank) for name, layer in adapter.items()]
+        [('fc', 1)]
+        """
         return self._layers.items()
 
     def layers(self) -> list[LoraLinear]:
-        """list of LoraLinear: The layers in insertion order."""
+        """list of LoraLinear: The layers in insertion order.
+
+        Returns
+        -------
+        list of LoraLinear
+            A new list.
+
+        See Also
+        --------
+        items : With the names.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.layers()[0] is fc
+        True
+        """
         return list(self._layers.values())
 
     # ------------------------------------------------------------- training
@@ -149,6 +253,22 @@ class LoraAdapter:
         ``adapter[name].backward(...)``); an optimizer of
         :mod:`numba_lora.optim` takes the adapter itself and updates every
         layer's factors.
+
+        See Also
+        --------
+        numba_lora.LoraLinear.zero_grad : The same for one layer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> Y, ctx = fc.forward_train(np.ones((2, 3)))
+        >>> _ = fc.backward(Y, ctx)
+        >>> adapter.zero_grad()
+        >>> fc.grad_a is None
+        True
         """
         for layer in self._layers.values():
             layer.zero_grad()
@@ -156,12 +276,70 @@ class LoraAdapter:
     # -------------------------------------------------------------- compute
     def forward_layer(self, name: str, x: ArrayLike,
                       out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
-        """``self[name].forward(x, out)``: one vector through one layer."""
+        """``self[name].forward(x, out)``: one vector through one layer.
+
+        Parameters
+        ----------
+        name : str
+            The layer's name.
+        x : array_like, shape (in_features,)
+            Input vector.
+        out : ndarray, shape (out_features,), optional
+            Where to write the result (layer dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray, shape (out_features,)
+            In the layer's dtype.
+
+        See Also
+        --------
+        forward_batch_layer : A batch through one layer.
+        numba_lora.LoraLinear.forward : What it calls.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.forward_layer("fc", [1.0, 2.0, 3.0])
+        array([1., 2., 3.])
+        """
         return self[name].forward(x, out=out)
 
     def forward_batch_layer(self, name: str, X: ArrayLike,
                             out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
-        """``self[name].forward_batch(X, out)``: a batch through one layer."""
+        """``self[name].forward_batch(X, out)``: a batch through one layer.
+
+        Parameters
+        ----------
+        name : str
+            The layer's name.
+        X : array_like, shape (batch, in_features)
+            Input rows.
+        out : ndarray, shape (batch, out_features), optional
+            Where to write the result (layer dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray, shape (batch, out_features)
+            In the layer's dtype.
+
+        See Also
+        --------
+        forward_layer : One vector through one layer.
+        numba_lora.LoraLinear.forward_batch : What it calls.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.forward_batch_layer("fc", np.ones((2, 3))).shape
+        (2, 3)
+        """
         return self[name].forward_batch(X, out=out)
 
     def merge_all(self, *, check_finite: bool = False) -> None:
@@ -169,6 +347,27 @@ class LoraAdapter:
 
         With ``check_finite=True`` every layer is checked before any is
         merged, so a refusal leaves the whole adapter as it was.
+
+        Parameters
+        ----------
+        check_finite : bool, optional
+            Check every layer's merge, without writing, before merging any; see
+            :meth:`LoraLinear.merge <numba_lora.LoraLinear.merge>`.
+
+        See Also
+        --------
+        unmerge_all : The opposite.
+        numba_lora.LoraLinear.merge : One layer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.merge_all()
+        >>> fc.is_merged
+        True
         """
         pending = [layer for layer in self._layers.values() if not layer.is_merged]
         if check_flag(check_finite, "check_finite"):
@@ -179,18 +378,66 @@ class LoraAdapter:
             layer.merge()
 
     def unmerge_all(self) -> None:
-        """Unmerge every merged layer (idempotent)."""
+        """Unmerge every merged layer (idempotent).
+
+        See Also
+        --------
+        merge_all : The opposite.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.merge_all()
+        >>> adapter.unmerge_all()
+        >>> fc.is_merged
+        False
+        """
         for layer in self._layers.values():
             if layer.is_merged:
                 layer.unmerge()
 
     def enable_all(self) -> None:
-        """Enable every layer."""
+        """Enable every layer.
+
+        See Also
+        --------
+        disable_all : The opposite.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.disable_all()
+        >>> adapter.enable_all()
+        >>> fc.is_enabled
+        True
+        """
         for layer in self._layers.values():
             layer.enable()
 
     def disable_all(self) -> None:
-        """Disable every layer: each computes its base product only."""
+        """Disable every layer: each computes its base product only.
+
+        See Also
+        --------
+        enable_all : The opposite.
+        disable_adapter : Disabled for a ``with`` block.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.disable_all()
+        >>> fc.is_enabled
+        False
+        """
         for layer in self._layers.values():
             layer.disable()
 
@@ -206,6 +453,10 @@ class LoraAdapter:
         ------
         LoraAdapter
             This adapter.
+
+        See Also
+        --------
+        disable_all, enable_all : The same state, changed for good.
 
         Examples
         --------
@@ -251,7 +502,26 @@ class LoraAdapter:
         return trainable / total if total else 0.0
 
     def summary(self) -> AdapterSummary:
-        """An :class:`AdapterSummary` of the totals and the config's rank and alpha."""
+        """An :class:`AdapterSummary` of the totals and the config's rank and alpha.
+
+        Returns
+        -------
+        AdapterSummary
+            The totals and the config's rank and alpha.
+
+        See Also
+        --------
+        total_trainable_params, total_original_params : The totals alone.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> adapter.summary().num_layers
+        1
+        """
         return AdapterSummary(
             num_layers=len(self._layers),
             total_trainable=self.total_trainable_params,
@@ -335,6 +605,12 @@ class LoraAdapter:
             adapter.config.task_type = "CAUSAL_LM"
             adapter.save_peft("my-adapter/")
 
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The directory (created if missing): ``adapter_config.json`` and
+            ``adapter_model.safetensors`` are written into it.
+
         Raises
         ------
         LoraFormatError
@@ -351,6 +627,25 @@ class LoraAdapter:
         OSError
             If the file system refuses the write (permissions, disk full);
             nothing is left behind.
+
+        See Also
+        --------
+        LoraAdapter.from_peft : Reads it back.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from numba_lora import LoraAdapter, LoraConfig
+        >>> adapter = LoraAdapter(LoraConfig(r=1, lora_alpha=2, target_modules=["fc"]))
+        >>> fc = adapter.add_layer("fc", np.eye(3))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     adapter.save_peft(d)
+        ...     sorted(os.listdir(d))
+        ...     back = LoraAdapter.from_peft(d, {"fc": np.eye(3)})
+        ['adapter_config.json', 'adapter_model.safetensors']
+        >>> bool((back["fc"].lora_a == fc.lora_a).all())
+        True
         """
         from .io.peft import save_peft
 

@@ -49,6 +49,7 @@ MODULES = [
     "numba_lora.kernels.train",
     "numba_lora.layer",
     "numba_lora.qlora",
+    "numba_lora.adapter",
 ]
 
 #: numpydoc codes every public callable must pass: a docstring, every
