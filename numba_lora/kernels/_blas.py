@@ -20,6 +20,12 @@ the library behind the names changes.  Where NumPy's BLAS cannot be found
 ctypes adapters that do the same arithmetic with NumPy's ``matmul``: correct,
 a few microseconds slower per call.  :data:`PROVIDER` says which is in use;
 ``NUMBA_LORA_BLAS=numpy-matmul`` forces the adapters.
+
+Two more names, ``numba_lora_blas_get_threads`` and
+``numba_lora_blas_set_threads``, reach OpenBLAS's thread count from
+``@njit`` code (``_blas_get_threads`` / ``_blas_set_threads``); where the
+count cannot be set they are bound to adapters whose getter answers -1, and
+compiled code checks that at run time.
 """
 
 import ctypes
@@ -189,7 +195,28 @@ def _register():
         provider = "numpy.matmul through ctypes adapters (NumPy's BLAS not found)"
     for name, address in addresses.items():
         llvm.add_symbol(f"numba_lora_cblas_{name}", address)
+    _register_thread_control()
     return provider
+
+
+# Thread control from @njit code: the same two names whatever the BLAS.  With
+# no thread control (not OpenBLAS, or the ctypes adapters in use) the getter
+# answers -1 and the setter does nothing, so compiled code decides at run time
+# (a cache stays valid when the library behind the names changes).
+_GET_PROTO = ctypes.CFUNCTYPE(ctypes.c_int)
+_SET_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+
+def _register_thread_control():
+    if "get" in _THREAD_CONTROL:
+        get = ctypes.cast(_THREAD_CONTROL["get"], _vp).value
+        set_ = ctypes.cast(_THREAD_CONTROL["set"], _vp).value
+    else:
+        callbacks = (_GET_PROTO(lambda: -1), _SET_PROTO(lambda n: None))
+        _KEEP_ALIVE.extend(callbacks)
+        get, set_ = (ctypes.cast(c, _vp).value for c in callbacks)
+    llvm.add_symbol("numba_lora_blas_get_threads", get)
+    llvm.add_symbol("numba_lora_blas_set_threads", set_)
 
 
 #: Which BLAS the kernels call.
@@ -212,6 +239,12 @@ def _gemv_ext(real):
                    types.int64, types.voidptr, types.int64, real, types.voidptr, types.int64),
     )
 
+
+#: From @njit code: the BLAS's thread count, or -1 where it cannot be read or set.
+_blas_get_threads = types.ExternalFunction("numba_lora_blas_get_threads", types.intc())
+#: From @njit code: set the BLAS's thread count (does nothing where the getter answers -1).
+_blas_set_threads = types.ExternalFunction("numba_lora_blas_set_threads",
+                                           types.void(types.intc))
 
 _sgemm = _gemm_ext(types.float32)
 _dgemm = _gemm_ext(types.float64)

@@ -1,0 +1,152 @@
+"""Batched NF4 products, tiles of W on Numba's threads, each multiplied by a one-thread sgemm.
+
+``out = X @ deq(W).T`` for batches above ``qlora.SMALL_BATCH`` rows.  The rows
+of W are cut into tiles of :func:`tile_rows` rows; each of Numba's threads
+takes whole tiles (tile ``t``, ``t + threads``, ...), dequantizes each into its
+own float32 scratch (the tile stays in L2 / the near L3 while it is used) and
+multiplies it at once with sgemm into ``out[:, r0:r1]`` (``ldc =
+out_features``), on the same thread.
+
+Why BLAS inside ``prange`` is allowed here, when the project's rule forbids
+it: the rule exists because BLAS threads times Numba threads oversubscribe
+the cores.  For the duration of the loop the BLAS (NumPy's OpenBLAS) is set
+to ONE thread, and an OpenBLAS with one thread runs sgemm on the thread that
+calls it, so two Numba threads may each call it at once and one thread pool
+(Numba's) does all the work.  The former count is put back before the call
+returns; every check that can refuse the call runs before the count is
+changed.  Meanwhile a NumPy product in another Python thread sees a
+one-thread BLAS too (OpenBLAS's count is process-wide).
+
+Where the BLAS has no thread control (it is not OpenBLAS, or the ctypes
+adapters of :mod:`._blas` are in use), :func:`build_tiles`' drivers return
+``False`` without touching anything and the caller keeps its serial path
+(dequantize on the calling thread, multiply on BLAS's threads).
+
+Order of the sums: sgemm's own, per tile; a tile's size changes neither the
+rounding of the weights (each is ``nf4.dequantize``'s float32 value) nor
+which weights each output sums over.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .._config import JIT_OPTIONS
+from ._blas import (CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, _blas_get_threads,
+                    _blas_set_threads, _sgemm)
+
+#: Bytes of float32 scratch per thread's tile of W.  Smaller tiles make each
+#: sgemm pack X again for fewer columns of out (X is packed once per call).
+TILE_BYTES = 1 << 20
+#: Fewest rows of W per tile, whatever ``in_features``.
+MIN_TILE_ROWS = 16
+
+
+@njit(**JIT_OPTIONS)
+def tile_rows(out_features, in_features):
+    """Rows of W per tile: ``TILE_BYTES`` of float32, at least ``MIN_TILE_ROWS``, a multiple of 8."""
+    rows = TILE_BYTES // (4 * max(1, in_features))
+    rows = max(MIN_TILE_ROWS, rows - rows % 8)
+    return max(1, min(out_features, rows))
+
+
+@njit(**JIT_OPTIONS)
+def _tile_product(X, tile, nrows, out, r0):
+    """``out[:, r0: r0 + nrows] = X @ tile[:nrows].T`` by sgemm (ldc = out.shape[1]).
+
+    Callers guarantee the shapes (checked before the parallel loop):
+    X (batch, k), tile (>= nrows, k), out (batch, n) with r0 + nrows <= n,
+    all C-contiguous float32, batch, nrows and k positive.
+    """
+    batch, k = X.shape
+    _sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, batch, nrows, k, np.float32(1.0),
+           X.ctypes, k, tile.ctypes, k, np.float32(0.0), out[0, r0:].ctypes, out.shape[1])
+
+
+def _one_blas_thread():
+    """The BLAS's thread count before this call, set to 1; -1 (and nothing set) without control."""
+    saved = _blas_get_threads()
+    if saved > 1:
+        _blas_set_threads(1)
+    return saved
+
+
+def _restore_blas_threads(saved):
+    if saved > 1:
+        _blas_set_threads(saved)
+
+
+_one_blas_thread = njit(**JIT_OPTIONS)(_one_blas_thread)
+_restore_blas_threads = njit(**JIT_OPTIONS)(_restore_blas_threads)
+
+
+def build_tiles(tag, dequantize_tile, dq_absmax):
+    """The tiled drivers over one dequantization path.
+
+    ``dequantize_tile(packed, absmax, abase, code, blocksize, r0, tile)`` writes
+    rows ``r0 ..`` of deq(W) into ``tile`` (absmax[b - abase] scales block b);
+    ``dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax)``
+    decodes double-quant scales.  Returns a dict: "tiled" and "tiled_dq" each compute
+    ``out = X @ deq(W).T`` (no low-rank term) and returns True, or returns
+    False, touching nothing, where the BLAS has no thread control.  The
+    callers have checked every shape (``qlora._check_batch``), and batch,
+    in_features and out_features are positive.  "loop" and "loop_dq" are the
+    parallel loops with the tile's rows and the thread count as arguments
+    (the BLAS must already be at one thread), for measurements.
+    """
+
+    def named(function, name):
+        function.__name__ = function.__qualname__ = f"_{name}_{tag}"
+        return function
+
+    # One task per tile, its scratch allocated in the task: ``numba.get_num_threads``
+    # inside compiled code would make it uncacheable (it calls through ctypes),
+    # and after the first tile malloc hands the same freed block back.
+    def loop(packed, absmax, code, blocksize, X, out, rows):
+        in_features = X.shape[1]
+        out_features = out.shape[1]
+        for k in prange((out_features + rows - 1) // rows):
+            r0 = k * rows
+            r1 = min(out_features, r0 + rows)
+            tile = np.empty((r1 - r0, in_features), dtype=np.float32)
+            dequantize_tile(packed, absmax, 0, code, blocksize, r0, tile)
+            _tile_product(X, tile, r1 - r0, out, r0)
+
+    def loop_dq(packed, absmax_q, nested_absmax, nested_code, offset, code, blocksize, X, out,
+                rows):
+        in_features = X.shape[1]
+        out_features = out.shape[1]
+        for k in prange((out_features + rows - 1) // rows):
+            r0 = k * rows
+            r1 = min(out_features, r0 + rows)
+            b0 = (r0 * in_features) // blocksize
+            b1 = (r1 * in_features + blocksize - 1) // blocksize
+            absmax = np.empty(b1 - b0, dtype=np.float32)
+            dq_absmax(absmax_q, nested_absmax, nested_code, offset, b0, b1, absmax)
+            tile = np.empty((r1 - r0, in_features), dtype=np.float32)
+            dequantize_tile(packed, absmax, b0, code, blocksize, r0, tile)
+            _tile_product(X, tile, r1 - r0, out, r0)
+
+    # BLAS inside prange on purpose: see the module docstring (one BLAS thread).
+    loop = njit(parallel=True, **JIT_OPTIONS)(named(loop, "tiles_loop"))
+    loop_dq = njit(parallel=True, **JIT_OPTIONS)(named(loop_dq, "tiles_loop_dq"))
+
+    def tiled(packed, absmax, code, blocksize, X, out):
+        saved = _one_blas_thread()
+        if saved < 1:
+            return False
+        loop(packed, absmax, code, blocksize, X, out, tile_rows(out.shape[1], X.shape[1]))
+        _restore_blas_threads(saved)
+        return True
+
+    def tiled_dq(packed, absmax_q, nested_absmax, nested_code, offset, code, blocksize, X, out):
+        saved = _one_blas_thread()
+        if saved < 1:
+            return False
+        loop_dq(packed, absmax_q, nested_absmax, nested_code, offset, code, blocksize, X, out,
+                tile_rows(out.shape[1], X.shape[1]))
+        _restore_blas_threads(saved)
+        return True
+
+    return {"tiled": njit(**JIT_OPTIONS)(named(tiled, "tiled")),
+            "tiled_dq": njit(**JIT_OPTIONS)(named(tiled_dq, "tiled_dq")),
+            "loop": loop, "loop_dq": loop_dq}
