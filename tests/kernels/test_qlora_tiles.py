@@ -14,7 +14,7 @@ import sys
 import numba
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
@@ -88,10 +88,10 @@ def check(case, scaling, X, dq, path="public"):
     ref.assert_close(out, *ref.forward(W, case["A"], case["B"], scaling, X), np.float32)
 
 
-# 301 x 2051: odd element count (rows alternate between starting in a high
+# 1101 x 2051: odd element count (rows alternate between starting in a high
 # and a low nibble), 2051 % 64 != 0 (blocks cross rows), tiles of
-# tile_rows(301, 2051) rows do not divide 301.
-SHAPE = (301, 2051, 64)
+# tile_rows(1101, 2051) rows do not divide 1101.
+SHAPE = (1101, 2051, 64)
 
 
 def test_shape_makes_several_uneven_tiles():
@@ -141,6 +141,33 @@ def test_property_matches_reference(shape, dq, scaling, seed):
     case = nf4_case(rng, out_features, in_features, blocksize, rank=2, dq=dq)
     X = rng.standard_normal((batch, in_features)).astype(np.float32)
     check(case, scaling, X, dq)
+
+
+# The loops with any tile size (the public kernels pick one per shape):
+# many small tiles, a last one short, one row per tile.
+LOOPS = qlora_tiles.build_tiles("test", qlora._FAST[4], qlora._dq_absmax)
+
+
+@settings(max_examples=20)  # one-row tiles make hundreds of sgemm calls per example
+@given(shapes(), st.booleans(), st.integers(1, 300), st.integers(0, 2 ** 32 - 1))
+def test_property_any_tile_rows(shape, dq, rows, seed):
+    out_features, in_features, blocksize, batch = shape
+    rng = np.random.default_rng(seed)
+    case = nf4_case(rng, out_features, in_features, blocksize, rank=0, dq=dq)
+    X = rng.standard_normal((batch, in_features)).astype(np.float32)
+    out = np.full((batch, out_features), np.nan, np.float32)
+    saved = _blas.blas_threads()
+    _blas.set_blas_threads(1)
+    try:
+        if dq:
+            LOOPS["loop_dq"](*storage(case, dq)[:5], CODE, case["blocksize"], X, out, rows)
+        else:
+            LOOPS["loop"](*storage(case, dq), X, out, rows)
+    finally:
+        if saved is not None:
+            _blas.set_blas_threads(saved)
+    W = dequantized(case, dq)
+    ref.assert_close(out, *ref.forward(W, case["A"], case["B"], 0.0, X), np.float32)
 
 
 def test_one_numba_thread(rng):
