@@ -26,17 +26,26 @@ at the row's end, then ``scaling * (B[i] . t)`` with ``t = A x``.  Batches
 of up to ``SMALL_BATCH`` rows: each thread dequantizes two rows of W at a
 time into L1 scratch and sums ``W[r] . X[b]`` for a 2 x 4 block of (r, b)
 (one chain per vector lane), then adds ``scaling * (B[r] . T[b])`` with
-``T = X A^T``; no BLAS, so one thread pool.  Larger batches: W is
-dequantized tile by tile (``TILE_BYTES`` of float32 rows) on the calling
-thread and each tile multiplied by BLAS's sgemm (its own order), then
-``out += scaling * (X A^T) B^T`` by sgemm with ``beta = 1``.  The low-rank
-term is skipped when ``scaling == 0`` or ``rank == 0``.
+``T = X A^T``; no BLAS, so one thread pool.  Larger batches
+(:mod:`.qlora_tiles`): each of Numba's threads dequantizes its own tiles of
+rows of W and multiplies each by a one-thread sgemm (its own order), and
+adds those columns of ``scaling * (X A^T) B^T`` the same way; where
+the BLAS's thread count cannot be set, W is dequantized tile by tile
+(``TILE_BYTES`` of float32 rows) on the calling thread and each tile
+multiplied on BLAS's threads, then ``out += scaling * (X A^T) B^T`` by
+sgemm with ``beta = 1``.  The low-rank term is skipped when ``scaling ==
+0`` or ``rank == 0``.
 
-Threads.  The one-vector and small-batch kernels run on Numba's threads
-only; the tiled kernel dequantizes on the calling thread and multiplies on
-BLAS's threads only.  Numba's and BLAS's threads taking turns within one
-call spin against each other (measured: 2-10x slower), so no kernel here
-mixes them.
+Threads.  Numba's and BLAS's threads taking turns within one call spin
+against each other (measured: 2-10x slower), so no kernel here mixes them.
+The one-vector and small-batch kernels run on Numba's threads only.  The
+tiled kernel calls sgemm inside its ``prange``, which the project's rule
+otherwise forbids because BLAS threads times Numba threads oversubscribe
+the cores: here the BLAS (NumPy's OpenBLAS) is set to ONE thread for the
+duration of the loop, so sgemm runs on the Numba thread that calls it and
+one thread pool does all the work; the count is put back before the call
+returns.  Meanwhile a NumPy product in another Python thread sees a
+one-thread BLAS (the count is process-wide).
 
 Speed.  The one-vector product is bound by looking 4-bit codes up in the
 16-value table.  On x86 with AVX-512 (checked at import from the features
@@ -58,6 +67,7 @@ from .._config import EXACT_OPTIONS, JIT_OPTIONS
 from ..errors import LoraShapeError
 from ._blas import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, _sgemm, gemm_nt, gemv_n
 from ._guard import guarded
+from .qlora_tiles import build_tiles
 
 __all__ = ["forward_nf4", "forward_batch_nf4", "forward_nf4_dq", "forward_batch_nf4_dq",
            "FAST_PATH"]
@@ -82,9 +92,10 @@ HAVE_AVX512 = "avx512f" in _compile_features()
 #: The one-vector path the public kernels use: "avx512-vpermps" or "portable".
 FAST_PATH = "avx512-vpermps" if HAVE_AVX512 else "portable"
 
-#: Bytes of float32 scratch per dequantized tile of W in the batched kernels
-#: (256 rows of 4096: it stays in L3 while sgemm reads it; smaller tiles made
-#: sgemm pack X once per tile, 1 MiB tiles were 5-10% slower at 512 rows).
+#: Bytes of float32 scratch per dequantized tile of W in the batched kernels'
+#: serial path, where the BLAS's thread count cannot be set (256 rows of
+#: 4096: it stays in L3 while sgemm reads it; smaller tiles made sgemm pack
+#: X once per tile, 1 MiB tiles were 5-10% slower at 512 rows).
 TILE_BYTES = 4 << 20
 #: Batches up to this many rows: each thread dequantizes one row of W at a
 #: time and multiplies it in Numba; larger ones: tiles and BLAS.
@@ -700,6 +711,8 @@ _tile_rows = njit(**JIT_OPTIONS)(_tile_rows)
 def _make_drivers(paths, tag):
     """The unguarded bodies of the four public kernels over one path."""
     _, _, gemv_rows, gemv_rows_dq, dequantize_tile, batch_small, batch_small_dq = paths
+    tiles = build_tiles(tag, dequantize_tile, _dq_absmax)
+    tiled, tiled_dq = tiles["tiled"], tiles["tiled_dq"]
 
     def named(function, name):
         function.__name__ = function.__qualname__ = f"_{name}_{tag}"
@@ -750,7 +763,10 @@ def _make_drivers(paths, tag):
             T, s_ = _down(A, X, scaling)
             batch_small(packed, absmax, code, blocksize, X, B, T, s_, out)
             return out
+        elif tiled(packed, absmax, code, blocksize, A, B, scaling, X, out):
+            return out
         else:
+            # No BLAS thread control: dequantize here, multiply on BLAS's threads.
             rows = _tile_rows(out_features, in_features)
             tile = np.empty((rows, in_features), dtype=np.float32)
             for r0 in range(0, out_features, rows):
@@ -774,7 +790,11 @@ def _make_drivers(paths, tag):
             batch_small_dq(packed, absmax_q, nested_absmax, nested_code, offset, _NF4, blocksize,
                            X, B, T, s_, out)
             return out
+        elif tiled_dq(packed, absmax_q, nested_absmax, nested_code, offset, _NF4, blocksize, A,
+                      B, scaling, X, out):
+            return out
         else:
+            # No BLAS thread control: dequantize here, multiply on BLAS's threads.
             rows = _tile_rows(out_features, in_features)
             tile = np.empty((rows, in_features), dtype=np.float32)
             absmax = np.empty((rows * in_features) // blocksize + 2, dtype=np.float32)
@@ -893,9 +913,10 @@ def forward_batch_nf4(packed, absmax, code, blocksize, A, B, scaling, X, out):
     """A batch of rows over an NF4 weight: ``out = X @ deq(W).T + scaling * (X @ A.T) @ B.T``.
 
     Up to ``SMALL_BATCH`` rows, each of Numba's threads dequantizes two rows
-    of W at a time and multiplies them in Numba; larger batches dequantize a
-    tile of rows at a time (``TILE_BYTES`` of float32 scratch, never all of
-    W) and multiply each tile by BLAS's sgemm.
+    of W at a time and multiplies them in Numba; in larger batches each of
+    Numba's threads dequantizes a tile of rows at a time into its own scratch
+    (never all of W) and multiplies it by a one-thread sgemm (the BLAS is set
+    to one thread meanwhile; see :mod:`numba_lora.kernels.qlora_tiles`).
 
     Parameters
     ----------

@@ -153,21 +153,22 @@ LOOPS = qlora_tiles.build_tiles("test", qlora._FAST[4], qlora._dq_absmax)
 def test_property_any_tile_rows(shape, dq, rows, seed):
     out_features, in_features, blocksize, batch = shape
     rng = np.random.default_rng(seed)
-    case = nf4_case(rng, out_features, in_features, blocksize, rank=0, dq=dq)
+    case = nf4_case(rng, out_features, in_features, blocksize, rank=2, dq=dq)
     X = rng.standard_normal((batch, in_features)).astype(np.float32)
     out = np.full((batch, out_features), np.nan, np.float32)
     saved = _blas.blas_threads()
     _blas.set_blas_threads(1)
     try:
         if dq:
-            LOOPS["loop_dq"](*storage(case, dq)[:5], CODE, case["blocksize"], X, out, rows)
+            LOOPS["loop_dq"](*storage(case, dq)[:5], CODE, case["blocksize"], X, case["A"],
+                             case["B"], 0.5, out, rows)
         else:
-            LOOPS["loop"](*storage(case, dq), X, out, rows)
+            LOOPS["loop"](*storage(case, dq), X, case["A"], case["B"], 0.5, out, rows)
     finally:
         if saved is not None:
             _blas.set_blas_threads(saved)
     W = dequantized(case, dq)
-    ref.assert_close(out, *ref.forward(W, case["A"], case["B"], 0.0, X), np.float32)
+    ref.assert_close(out, *ref.forward(W, case["A"], case["B"], 0.5, X), np.float32)
 
 
 def test_one_numba_thread(rng):
