@@ -98,7 +98,7 @@ class LoraAdapter:
     # ------------------------------------------------------------- building
     def add_layer(self, name: str, weight: ArrayLike, *,
                   seed: int | np.random.Generator | None = None,
-                  init: str = "peft") -> LoraLinear:
+                  init: str = "peft", quantize: str | None = None) -> LoraLinear:
         """Add a layer over base ``weight`` and return it.
 
         ``weight`` is (out_features, in_features), or (in_features,
@@ -124,10 +124,15 @@ class LoraAdapter:
             Source of the layer's initial ``lora_a``.
         init : {"peft", "gaussian", "pissa"}, optional
             How the factors start, as for :class:`LoraLinear`.
+        quantize : {None, "nf4"}, optional
+            ``"nf4"``: the layer is a :class:`~numba_lora.QLoraLinear`, its
+            base quantized to NF4 (blocksize 64, bitsandbytes' format);
+            only ``init="peft"`` then (the 4-bit base cannot hold a PiSSA
+            residual exactly).
 
         Returns
         -------
-        LoraLinear
+        LoraLinear or QLoraLinear
             The new layer (also ``adapter[name]``).
 
         Raises
@@ -136,13 +141,16 @@ class LoraAdapter:
             If ``name`` is not a string, or ``seed`` is not something
             :func:`numpy.random.default_rng` takes.
         LoraConfigError
-            If ``name`` breaks the rule above or is already used.
+            If ``name`` breaks the rule above or is already used, or
+            ``quantize`` is not None or ``"nf4"`` (or is ``"nf4"`` with
+            another ``init``).
         LoraShapeError, LoraDtypeError
             If ``weight`` is not a 2-D float array.
 
         See Also
         --------
         numba_lora.LoraLinear : The layer it makes.
+        numba_lora.QLoraLinear : The layer it makes with ``quantize="nf4"``.
 
         Examples
         --------
@@ -154,6 +162,12 @@ class LoraAdapter:
         (1, 2.0, True)
         """
         check_module_name(name)
+        if quantize not in (None, "nf4"):
+            raise LoraConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
+        if quantize is not None and init != "peft":
+            raise LoraConfigError(
+                f"init={init!r} cannot be combined with quantize={quantize!r}: only PEFT's "
+                "default init ('peft') starts a layer over a quantized base")
         if name in self._layers:
             raise LoraConfigError(f"adapter already has a layer named {name!r}")
         for alias in sorted(module_aliases(name)):
@@ -165,8 +179,14 @@ class LoraAdapter:
         weight = as_array(weight, "weight")
         if self.config.fan_in_fan_out:
             weight = weight.T
-        layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
-                           seed=seed, use_rslora=self.config.use_rslora, init=init)
+        if quantize == "nf4":
+            from .qlora import QLoraLinear
+
+            layer = QLoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
+                                seed=seed, use_rslora=self.config.use_rslora)
+        else:
+            layer = LoraLinear(weight, self.config.rank_for(name), self.config.alpha_for(name),
+                               seed=seed, use_rslora=self.config.use_rslora, init=init)
         self._layers[name] = layer
         return layer
 
@@ -534,7 +554,8 @@ class LoraAdapter:
     # ----------------------------------------------------------------- PEFT
     @classmethod
     def from_peft(cls, path: str | os.PathLike[str],
-                  base_weights: Mapping[str, ArrayLike] | str | os.PathLike[str]) -> LoraAdapter:
+                  base_weights: Mapping[str, ArrayLike] | str | os.PathLike[str], *,
+                  quantize: str | None = None) -> LoraAdapter:
         """Load a PEFT LoRA adapter directory onto base weights.
 
         Parameters
@@ -551,6 +572,10 @@ class LoraAdapter:
             or a model directory holding either.  From files, only the
             weights the adapter needs are read, one tensor at a time, and
             only from the shards that hold them.
+        quantize : {None, "nf4"}, optional
+            ``"nf4"``: quantize each base weight as it is read (QLoRA: every
+            layer a :class:`~numba_lora.QLoraLinear`, blocksize 64), so the
+            adapter holds 4.5 bits per base weight instead of 32.
 
         Returns
         -------
@@ -583,7 +608,7 @@ class LoraAdapter:
         """
         from .io.peft import load_peft
 
-        return load_peft(cls, path, base_weights)
+        return load_peft(cls, path, base_weights, quantize=quantize)
 
     def save_peft(self, path: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``.

@@ -401,7 +401,7 @@ class _BaseWeights:
         return key, W
 
 
-def load_peft(cls, path, base_weights):
+def load_peft(cls, path, base_weights, *, quantize=None):
     """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``.
 
     Parameters
@@ -410,12 +410,16 @@ def load_peft(cls, path, base_weights):
         The adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
     base_weights : mapping or str or os.PathLike
         ``{module name: weight}``, or safetensors weights as :func:`open_weights` reads them.
+    quantize : {None, "nf4"}, optional
+        Passed to ``add_layer`` for every layer.
 
     Returns
     -------
     LoraAdapter
         A new adapter of class ``cls`` (the first argument), one layer per module.
     """
+    if quantize not in (None, "nf4"):
+        raise LoraConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     path = as_path(path)
     config = read_adapter_config(path)
     weights_path = path / WEIGHTS_NAME
@@ -460,7 +464,7 @@ def load_peft(cls, path, base_weights):
                 f"{b_key!r} {B.shape} need {expected} {layout}"
             )
         try:
-            layer = adapter.add_layer(module, W)
+            layer = adapter.add_layer(module, W, quantize=quantize)
         except LoraConfigError as exc:
             raise LoraFormatError(f"{weights_path}: tensor {a_key!r}: {exc}") from None
         layer.lora_a = A
