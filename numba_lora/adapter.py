@@ -390,7 +390,13 @@ class LoraAdapter:
         True
         """
         pending = [layer for layer in self._layers.values() if not layer.is_merged]
-        if check_flag(check_finite, "check_finite"):
+        check_finite = check_flag(check_finite, "check_finite")
+        for layer in pending:
+            if not isinstance(layer, LoraLinear):
+                # A QLoraLinear (quantize="nf4") cannot merge: its merge()
+                # raises, and must do so before any other layer is merged.
+                layer.merge()
+        if check_finite:
             for name, layer in self._layers.items():
                 if not layer.is_merged:
                     layer._check_merge_finite(f"merging layer {name!r}")

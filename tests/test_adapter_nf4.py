@@ -65,3 +65,16 @@ def test_add_layer_refuses_bad_quantize(kwargs, match):
 def test_from_peft_refuses_bad_quantize_before_reading():
     with pytest.raises(LoraConfigError, match="quantize"):
         LoraAdapter.from_peft(FIXTURES / "no-such-adapter", BASE, quantize="fp4")
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_merge_all_with_an_nf4_layer_merges_nothing(check_finite):
+    adapter = LoraAdapter(LoraConfig(r=2, lora_alpha=4))
+    plain = adapter.add_layer("a", np.eye(8, dtype=np.float32))
+    adapter.add_layer("b", np.eye(8, dtype=np.float32), quantize="nf4")
+    plain.lora_b = np.ones((8, 2))
+    before = np.array(plain.weight)
+    with pytest.raises(LoraUnsupportedError, match="to_lora_linear"):
+        adapter.merge_all(check_finite=check_finite)
+    assert not plain.is_merged
+    np.testing.assert_array_equal(plain.weight, before)
