@@ -11,8 +11,8 @@ assume no NaN or infinity ever occurs (numba issues #2919 and #9383).
 
 ``EXACT_OPTIONS``, no fastmath at all, for code whose every rounding is part
 of its contract.  ``fastmath=False`` is spelled out: a function compiled
-without the option takes its caller's flags, so a user's
-``@njit(fastmath=True)`` function calling ``kernels.merge`` would compile a
+without the option takes its caller's flags, so a user's function compiled
+with Numba's fastmath switched on, calling ``kernels.merge``, would compile a
 contracted, reassociated merge (and write it to the disk cache):
 
 - merge and unmerge, whose per-element order (a fused multiply-add chain

@@ -59,8 +59,8 @@ _CODES_PER_TASK = 1 << 14      # elements per task of the parallel quantize
 
 # ------------------------------------------------ roundings callers cannot change
 # An @njit function without a fastmath option takes its caller's (Numba's
-# flag inheritance): when a user's fastmath=True function calls a kernel
-# here, Numba compiles the kernel (and every helper it calls) with the
+# flag inheritance): when a user's function compiled with fastmath on calls a
+# kernel here, Numba compiles the kernel (and every helper it calls) with the
 # caller's flags, and its fastmath pass then marks every float instruction
 # that has no flags yet.  LLVM would fuse a multiply and an add into one
 # rounding (contract), divide by multiplying with a reciprocal (arcp) and
