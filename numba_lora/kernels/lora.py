@@ -896,8 +896,21 @@ def _count_merged(W, A, B, scaling):
 
 @njit(**EXACT_OPTIONS)
 def _count_remerged(W, A_old, B_old, A_new, B_new, scaling):
-    _check_lora_shapes(W, A_old, B_old)
-    _check_lora_shapes(W, A_new, B_new)
+    # The shared _check_lora_shapes would name A and B; say which pair.
+    out_features, in_features = W.shape
+    if A_old.shape[1] != in_features or A_new.shape[1] != in_features:
+        raise LoraShapeError("A_old and A_new must be (rank, in_features): "
+                             "A_old.shape[1] or A_new.shape[1] != W.shape[1]")
+    if B_old.shape[0] != out_features or B_new.shape[0] != out_features:
+        raise LoraShapeError("B_old and B_new must be (out_features, rank): "
+                             "B_old.shape[0] or B_new.shape[0] != W.shape[0]")
+    if B_old.shape[1] != A_old.shape[0]:
+        raise LoraShapeError("rank mismatch: B_old.shape[1] != A_old.shape[0]")
+    if B_new.shape[1] != A_new.shape[0]:
+        raise LoraShapeError("rank mismatch: B_new.shape[1] != A_new.shape[0]")
+    if not (W.flags.c_contiguous and A_old.flags.c_contiguous and B_old.flags.c_contiguous
+            and A_new.flags.c_contiguous and B_new.flags.c_contiguous):
+        raise LoraShapeError("W, A_old, B_old, A_new and B_new must be C-contiguous")
     return _count_parallel(W, A_old, B_old, A_new, B_new, scaling, True)
 
 

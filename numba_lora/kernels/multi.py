@@ -83,11 +83,19 @@ def _check_multi(W, A_cat, BT_cat, offsets, scalings, X, ids, out):
         raise LoraShapeError("W, A_cat, BT_cat, X and out must be C-contiguous")
 
 
+#: ``starts`` holds n_adapters + 1 int64 values; NumPy refuses arrays of
+#: 2**63 bytes or more.
+_MAX_ADAPTERS = (2 ** 63 - 1) // 8 - 1
+
+
 @njit(**JIT_OPTIONS)
 def _group_rows(ids, n_adapters):
     """Counting sort of rows by adapter; see :func:`group_rows`."""
     if n_adapters < 0:
         raise LoraShapeError("n_adapters must be >= 0")
+    if n_adapters >= _MAX_ADAPTERS:
+        raise LoraShapeError("n_adapters too large: starts (n_adapters + 1 int64 values) would "
+                             "exceed the largest array NumPy can make")
     for b in range(ids.shape[0]):
         if ids[b] < -1 or ids[b] >= n_adapters:
             raise LoraKeyError("adapter id out of range: must be -1 or in [0, n_adapters)")
