@@ -91,9 +91,16 @@ def _seconds(text):
 
 
 def _output(text):
+    if text == "-":
+        return text
+    # Checked here, not when the file is opened after minutes of timing.
     folder = os.path.dirname(text) or "."
-    if text != "-" and not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"no such directory: {folder!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in directory {folder!r}")
     return text
 
 

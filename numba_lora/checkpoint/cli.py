@@ -4,10 +4,18 @@ Several adapters with ``--weights W [W ...]`` (and ``--combination cat|linear``)
 are combined as PEFT's ``add_weighted_adapter`` combines them, then merged.
 
 Exit codes: 0 merged; 1 the merge was refused or failed (one line on
-stderr, naming the file and the key; nothing written); 2 a usage error.
+stderr, naming the file and the key; nothing written); 2 a usage error: a
+bad option, a weight that is not a finite number, a weight count that does
+not match the adapters, a BASE_DIR or ADAPTER_DIR that is not a directory, or
+an OUT_DIR that is a file or a directory that is not empty.
 """
 
+from __future__ import annotations
+
+
 import argparse
+import math
+import os
 import sys
 
 import numba
@@ -35,8 +43,46 @@ def _threads(text):
     return n
 
 
-def add_arguments(p):
-    """Add the merge command's arguments to parser ``p``."""
+def _weight(text):
+    try:
+        value = float(text)
+    except ValueError:
+        # nargs="+" takes every word up to the next option: a directory given
+        # after --weights lands here, so say how to separate them.
+        raise argparse.ArgumentTypeError(
+            f"expected a number, got {text!r} (give --weights after the directories, "
+            "or end its list with --)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _check_paths(args, p):
+    """Refuse, as usage errors, directories that do not exist and an OUT_DIR already used."""
+    for label, path in [("BASE_DIR", args.base)] + [("ADAPTER_DIR", a) for a in args.adapter]:
+        if not os.path.isdir(path):
+            what = "is a file" if os.path.exists(path) else "does not exist"
+            p.error(f"argument {label}: {path!r} {what}; expected a directory")
+    if os.path.isdir(args.out):
+        if os.listdir(args.out):
+            p.error(f"argument OUT_DIR: {args.out!r} is not empty; give a new or empty directory")
+    elif os.path.lexists(args.out):
+        p.error(f"argument OUT_DIR: {args.out!r} is a file; give a new or empty directory")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the merge command's arguments to parser ``p``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The ``merge`` subparser of ``python -m numba_lora``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``p`` itself.
+    """
     p.add_argument("base", metavar="BASE_DIR",
                    help="the base checkpoint: model.safetensors, or shards and their index")
     p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="+",
@@ -44,7 +90,7 @@ def add_arguments(p):
                    "(several, with --weights: a weighted merge)")
     p.add_argument("out", metavar="OUT_DIR",
                    help="where the merged checkpoint goes: a new or empty directory")
-    p.add_argument("--weights", type=float, nargs="+", metavar="W", default=None,
+    p.add_argument("--weights", type=_weight, nargs="+", metavar="W", default=None,
                    help="one weight per adapter: combine the adapters as PEFT's "
                    "add_weighted_adapter does, then merge the combination")
     p.add_argument("--combination", choices=COMBINATIONS, default=None,
@@ -58,8 +104,25 @@ def add_arguments(p):
     return p
 
 
-def execute(args, p):
-    """Run the merge for parsed ``args``; returns the exit code."""
+def execute(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """Run the merge for parsed ``args``; returns the exit code.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments.
+    p : argparse.ArgumentParser
+        The parser that parsed them (for ``p.error``).
+
+    Returns
+    -------
+    int
+        0 merged, 1 refused or failed (a usage error exits with 2 instead).
+    """
+    _check_paths(args, p)
+    if args.weights is not None and len(args.weights) != len(args.adapter):
+        p.error(f"argument --weights: {len(args.weights)} weight(s) for {len(args.adapter)} "
+                "adapter(s); give one each")
     if args.threads is not None:
         from .._threads import set_num_threads
 

@@ -80,3 +80,51 @@ def test_several_adapters_need_weights(tmp_path, capsys):
     assert info.value.code == 2
     assert "2 adapters need --weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_paths_are_usage_errors(tmp_path, capsys):
+    base, adapter = str(FIXTURES / "gpt2_f32"), str(FIXTURES / "gpt2_adapter")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    cases = [
+        ([str(tmp_path / "missing"), adapter, str(tmp_path / "o")],
+         "argument BASE_DIR: '" + str(tmp_path / "missing") + "' does not exist"),
+        ([str(afile), adapter, str(tmp_path / "o")], "argument BASE_DIR: '" + str(afile) + "' is a file"),
+        ([base, str(tmp_path / "missing"), str(tmp_path / "o")], "argument ADAPTER_DIR: "),
+        ([base, str(afile), str(tmp_path / "o")], "is a file; expected a directory"),
+        ([base, adapter, str(afile)], "argument OUT_DIR: '" + str(afile) + "' is a file"),
+        ([base, adapter, str(full)], "is not empty; give a new or empty directory"),
+    ]
+    for argv, match in cases:
+        assert match in _usage_error(["merge", *argv, "--no-progress"], capsys)
+    assert afile.read_text() == "x" and sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("weights,match", [
+    (["nan"], "--weights: must be a finite number, got 'nan'"),
+    (["inf"], "--weights: must be a finite number, got 'inf'"),
+    (["1", "2"], "--weights: 2 weight(s) for 1 adapter(s); give one each"),
+])
+def test_weights_are_usage_errors(tmp_path, capsys, weights, match):
+    argv = ["merge", str(FIXTURES / "gpt2_f32"), str(FIXTURES / "gpt2_adapter"),
+            str(tmp_path / "out"), "--weights", *weights]
+    assert match in _usage_error(argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_before_the_directories_say_how_to_separate(tmp_path, capsys):
+    err = _usage_error(["merge", "--weights", "1", "a", "b", "c"], capsys)
+    assert "expected a number, got 'a' (give --weights after the directories" in err
