@@ -238,6 +238,29 @@ def _check_stacked(WA, B):
 
 
 @njit(**JIT_OPTIONS)
+def _add_low_rank(Y, B, scaling, out):
+    """``out[b] = Y[b, :m] + scaling * B @ Y[b, m:]`` for each row ``b``.
+
+    ``Y`` is ``X [W; A]^T``: its first ``m = out_features`` columns are
+    ``X W^T``, the last ``rank`` are ``X A^T``.  One serial pass that reads
+    each row of B once for all rows of the batch; on the calling thread, so
+    it never meets a BLAS's worker threads still spinning after the product.
+    """
+    m, rank = B.shape
+    batch = out.shape[0]
+    T = np.empty((batch, rank), dtype=out.dtype)
+    for b in range(batch):
+        for q in range(rank):
+            T[b, q] = scaling * Y[b, m + q]
+    for o in range(m):
+        for b in range(batch):
+            acc = Y[b, o] - Y[b, o]  # a zero of the output's type
+            for q in range(rank):
+                acc += B[o, q] * T[b, q]
+            out[b, o] = Y[b, o] + acc
+
+
+@njit(**JIT_OPTIONS)
 def _forward_stacked(WA, B, scaling, x, out):
     out_features, rank = _check_stacked(WA, B)
     if x.shape[0] != WA.shape[1] or out.shape[0] != out_features:
@@ -247,12 +270,10 @@ def _forward_stacked(WA, B, scaling, x, out):
     if scaling == 0 or rank == 0:
         gemv_n(1.0, WA[:out_features], x, 0.0, out)
         return out
-    # One pass over W and A together gives W x and A x; then out += s B t.
-    y = np.empty(WA.shape[0], dtype=out.dtype)
-    gemv_n(1.0, WA, x, 0.0, y)
-    head = y[:out_features]
-    gemv_n(scaling, B, y[out_features:], 1.0, head)
-    out[:] = head
+    # One pass over W and A together gives W x and A x; then out = y + s B t.
+    y = np.empty((1, WA.shape[0]), dtype=out.dtype)
+    gemv_n(1.0, WA, x, 0.0, y[0])
+    _add_low_rank(y, B, scaling, out.reshape((1, out_features)))
     return out
 
 
@@ -268,8 +289,8 @@ def forward_stacked(WA, B, scaling, x, out):
     ``WA[:out_features]`` is W and ``WA[out_features:]`` is A (both
     C-contiguous views of one buffer, as :class:`~numba_lora.LoraLinear`
     stores them), so one matrix-vector product yields ``W x`` and ``A x``
-    in a single read of the memory; only ``B (A x)`` is a second, small
-    product.  For one vector (token-by-token decoding), where reading W is
+    in a single read of the memory; ``B (A x)`` is then added in one serial
+    pass over B.  For one vector (token-by-token decoding), where reading W is
     the whole cost.
 
     Parameters
@@ -323,6 +344,13 @@ def forward_stacked(WA, B, scaling, x, out):
     return _forward_stacked_checked(WA, B, scaling, x, out)
 
 
+#: Batches of at most this many rows: one matrix-vector product per row
+#: (:func:`forward`).  OpenBLAS's gemm at 2 rows x 4096 x 4096 float32 takes
+#: 3-4x one gemv (it packs W before multiplying), so two gemvs beat it;
+#: from 4 rows on the gemm is faster (measured: docs/performance.rst).
+PER_ROW_MAX_ROWS = 2
+
+
 @njit(**JIT_OPTIONS)
 def _forward_batch_stacked(WA, B, scaling, X, out):
     out_features, rank = _check_stacked(WA, B)
@@ -336,13 +364,17 @@ def _forward_batch_stacked(WA, B, scaling, X, out):
     if scaling == 0 or rank == 0:
         gemm_nt(1.0, X, WA[:out_features], 0.0, out)
         return out
+    if batch <= PER_ROW_MAX_ROWS:
+        W, A = WA[:out_features], WA[out_features:]
+        t = np.empty(rank, dtype=out.dtype)
+        for b in range(batch):
+            gemv_n(1.0, A, X[b], 0.0, t)
+            gemv_n(scaling, B, t, 0.0, out[b])
+            gemv_n(1.0, W, X[b], 1.0, out[b])
+        return out
     Y = np.empty((batch, WA.shape[0]), dtype=out.dtype)
     gemm_nt(1.0, X, WA, 0.0, Y)
-    T = np.empty((batch, rank), dtype=out.dtype)
-    for b in range(batch):
-        T[b] = Y[b, out_features:]
-        out[b] = Y[b, :out_features]
-    gemm_nt(scaling, T, B, 1.0, out)
+    _add_low_rank(Y, B, scaling, out)
     return out
 
 
@@ -357,8 +389,12 @@ def forward_batch_stacked(WA, B, scaling, X, out):
 
     For a few rows (decoding several sequences at once), where the product
     is still bound by reading W: one gemm over ``[W; A]`` gives ``X W^T``
-    and ``X A^T`` together.  For large batches :func:`forward_batch` is as
-    fast and needs no (batch, out_features + rank) temporary.
+    and ``X A^T`` together, and one serial pass over B adds the low-rank
+    term to every row.  Up to two rows (``PER_ROW_MAX_ROWS``) take one
+    matrix-vector product per row instead (OpenBLAS's gemm packs W first and
+    is slower than two gemvs there).  For large batches
+    :func:`forward_batch` is as fast and needs no (batch, out_features +
+    rank) temporary.
 
     Parameters
     ----------
