@@ -423,7 +423,7 @@ class LoraConfig:
         return self.r
 
     @rank.setter
-    def rank(self, value):
+    def rank(self, value: int) -> None:
         self.r = value
 
     @property
@@ -445,7 +445,7 @@ class LoraConfig:
         return self.lora_alpha
 
     @alpha.setter
-    def alpha(self, value):
+    def alpha(self, value: float) -> None:
         self.lora_alpha = value
 
     @property
@@ -467,7 +467,7 @@ class LoraConfig:
         return self.lora_dropout
 
     @dropout.setter
-    def dropout(self, value):
+    def dropout(self, value: float) -> None:
         self.lora_dropout = value
 
     def __setstate__(self, state):

@@ -67,12 +67,16 @@ of ``blocksize``; numba_lora follows bitsandbytes' portable path (what its
 kernel does everywhere else), not that bug.
 """
 
+from __future__ import annotations
+
 import json
+import os
 import numbers
 import operator
 from collections.abc import Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ._validate import as_array, check_flag, checked_weight
 from .errors import (LoraConfigError, LoraDtypeError, LoraFormatError, LoraNonFiniteError,
@@ -220,8 +224,10 @@ class NF4Weight:
     __slots__ = ("_shape", "_blocksize", "_packed", "_absmax", "_absmax_q", "_nested_absmax",
                  "_nested_code", "_offset", "_source_dtype")
 
-    def __init__(self, shape, blocksize, packed, absmax=None, *, absmax_q=None,
-                 nested_absmax=None, nested_code=None, offset=None, source_dtype="float32"):
+    def __init__(self, shape: tuple[int, int], blocksize: int, packed: ArrayLike,
+                 absmax: ArrayLike | None = None, *, absmax_q: ArrayLike | None = None,
+                 nested_absmax: ArrayLike | None = None, nested_code: ArrayLike | None = None,
+                 offset: float | None = None, source_dtype: str = "float32") -> None:
         shape = _check_shape(shape)
         blocksize = check_blocksize(blocksize)
         n = shape[0] * shape[1]
@@ -284,31 +290,83 @@ class NF4Weight:
         return self
 
     # ---------------------------------------------------------------- facts
-    shape = property(lambda self: self._shape, doc="(out_features, in_features).")
-    out_features = property(lambda self: self._shape[0], doc="Rows of the weight.")
-    in_features = property(lambda self: self._shape[1], doc="Columns of the weight.")
-    size = property(lambda self: self._shape[0] * self._shape[1], doc="Number of weights, n.")
-    blocksize = property(lambda self: self._blocksize, doc="Elements per scale block.")
-    nblocks = property(lambda self: _nblocks(self.size, self._blocksize),
-                       doc="Number of scale blocks, ceil(n / blocksize).")
-    double_quant = property(lambda self: self._absmax is None,
-                            doc="Whether the scales are themselves quantized to 8 bits.")
-    packed = property(lambda self: self._packed, doc="uint8 ((n + 1) // 2,), read-only.")
-    code = property(lambda self: NF4_CODE, doc="The 16 code values, :data:`NF4_CODE`.")
-    absmax = property(lambda self: self._absmax,
-                      doc="float32 (nblocks,), read-only; None when double-quantized.")
-    absmax_q = property(lambda self: self._absmax_q,
-                        doc="uint8 (nblocks,), read-only; None unless double-quantized.")
-    nested_absmax = property(lambda self: self._nested_absmax,
-                             doc="float32 (ceil(nblocks / 256),), read-only; or None.")
-    nested_code = property(lambda self: self._nested_code,
-                           doc="float32 (256,) 8-bit map, read-only; or None.")
-    offset = property(lambda self: self._offset, doc="float32 scalar, or None.")
-    source_dtype = property(lambda self: self._source_dtype,
-                            doc="The dtype before quantization: 'float32', 'float16', 'bfloat16'.")
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return self._shape
 
     @property
-    def nbytes(self):
+    def out_features(self) -> int:
+        """Rows of the weight."""
+        return self._shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the weight."""
+        return self._shape[1]
+
+    @property
+    def size(self) -> int:
+        """Number of weights, n."""
+        return self._shape[0] * self._shape[1]
+
+    @property
+    def blocksize(self) -> int:
+        """Elements per scale block."""
+        return self._blocksize
+
+    @property
+    def nblocks(self) -> int:
+        """Number of scale blocks, ceil(n / blocksize)."""
+        return _nblocks(self.size, self._blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the scales are themselves quantized to 8 bits."""
+        return self._absmax is None
+
+    @property
+    def packed(self) -> NDArray[np.uint8]:
+        """uint8 ((n + 1) // 2,), read-only."""
+        return self._packed
+
+    @property
+    def code(self) -> NDArray[np.float32]:
+        """The 16 code values, :data:`NF4_CODE`."""
+        return NF4_CODE
+
+    @property
+    def absmax(self) -> NDArray[np.float32] | None:
+        """float32 (nblocks,), read-only; None when double-quantized."""
+        return self._absmax
+
+    @property
+    def absmax_q(self) -> NDArray[np.uint8] | None:
+        """uint8 (nblocks,), read-only; None unless double-quantized."""
+        return self._absmax_q
+
+    @property
+    def nested_absmax(self) -> NDArray[np.float32] | None:
+        """float32 (ceil(nblocks / 256),), read-only; or None."""
+        return self._nested_absmax
+
+    @property
+    def nested_code(self) -> NDArray[np.float32] | None:
+        """float32 (256,) 8-bit map, read-only; or None."""
+        return self._nested_code
+
+    @property
+    def offset(self) -> np.float32 | None:
+        """float32 scalar, or None."""
+        return self._offset
+
+    @property
+    def source_dtype(self) -> str:
+        """The dtype before quantization: 'float32', 'float16', 'bfloat16'."""
+        return self._source_dtype
+
+    @property
+    def nbytes(self) -> int:
         """Bytes of the per-weight storage: codes and scales (with double quantization the
         8-bit absmax, the nested absmax and the 4-byte offset).  The shared code tables
         (:data:`NF4_CODE`, 64 bytes; the 1 KiB nested map) are not counted."""
@@ -316,7 +374,7 @@ class NF4Weight:
             return self._packed.nbytes + self._absmax.nbytes
         return self._packed.nbytes + self._absmax_q.nbytes + self._nested_absmax.nbytes + 4
 
-    def absmax_float32(self):
+    def absmax_float32(self) -> NDArray[np.float32]:
         """The per-block scales as float32 (restored from the 8-bit state when double-quantized).
 
         Returns
@@ -407,7 +465,7 @@ def _check_offset(offset):
 
 
 # --------------------------------------------------------- quantize / dequantize
-def quantize(weight, blocksize=64, *, double_quant=False):
+def quantize(weight: ArrayLike, blocksize: int = 64, *, double_quant: bool = False) -> NF4Weight:
     """Quantize a float weight to NF4, bit for bit as bitsandbytes does on a CPU.
 
     Parameters
@@ -465,7 +523,7 @@ def _quantize_absmax(absmax, offset):
     return absmax_q, nested_absmax
 
 
-def dequantize(q, *, out=None):
+def dequantize(q: NF4Weight, *, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
     """The float32 weight an :class:`NF4Weight` stands for: ``NF4_CODE[q] * absmax``.
 
     Parameters
@@ -568,7 +626,8 @@ def _expect(array, key, dtype, shape, where):
     return array.reshape(-1)
 
 
-def from_bnb_state_dict(tensors, prefix="", *, where="state dict"):
+def from_bnb_state_dict(tensors: Mapping[str, ArrayLike], prefix: str = "", *,
+                        where: str = "state dict") -> NF4Weight:
     """An :class:`NF4Weight` from a ``bitsandbytes.nn.Linear4bit`` state dict (no torch needed).
 
     Parameters
@@ -645,7 +704,7 @@ def from_bnb_state_dict(tensors, prefix="", *, where="state dict"):
         raise _fmt(where, str(exc)) from None
 
 
-def load_bnb_safetensors(path, prefix=""):
+def load_bnb_safetensors(path: str | os.PathLike[str], prefix: str = "") -> NF4Weight:
     """:func:`from_bnb_state_dict` over the tensors of a safetensors file (read with NumPy only).
 
     Parameters
@@ -669,7 +728,7 @@ def load_bnb_safetensors(path, prefix=""):
     return from_bnb_state_dict(file.read_many(keys), prefix, where=str(file.path))
 
 
-def to_bnb_state_dict(q, prefix=""):
+def to_bnb_state_dict(q: NF4Weight, prefix: str = "") -> dict[str, np.ndarray]:
     """The tensors of a ``bitsandbytes.nn.Linear4bit`` state dict for ``q``, as NumPy arrays.
 
     The keys and layout a ``Linear4bit`` state dict has (``weight`` is

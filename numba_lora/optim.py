@@ -31,6 +31,8 @@ from __future__ import annotations
 import abc
 import math
 import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
 
 import numpy as np
 
@@ -41,6 +43,11 @@ from .kernels import train as train_kernels
 from .layer import LoraLinear
 
 __all__ = ["AdamW", "SGD", "clip_grad_norm"]
+
+#: What an optimizer takes: a layer, an adapter, an iterable of those, or param groups
+#: (dicts with "params" and per-group hyperparameters).
+ParamsLike = Union[LoraLinear, LoraAdapter, Iterable[Union[LoraLinear, LoraAdapter]],
+                   Sequence[dict[str, Any]]]
 
 _FACTORS = ("lora_A", "lora_B")
 
@@ -344,8 +351,9 @@ class AdamW(_Optimizer):
     _HYPER = ("lr", "betas", "eps", "weight_decay", "lr_b_ratio")
     _STATE_ARRAYS = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, lr_b_ratio: float = 1.0):
+    def __init__(self, params: ParamsLike, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, lr_b_ratio: float = 1.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       lr_b_ratio=lr_b_ratio))
 
@@ -421,8 +429,9 @@ class SGD(_Optimizer):
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "lr_b_ratio")
     _STATE_ARRAYS = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, lr_b_ratio: float = 1.0):
+    def __init__(self, params: ParamsLike, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 lr_b_ratio: float = 1.0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       lr_b_ratio=lr_b_ratio))
@@ -450,7 +459,8 @@ class SGD(_Optimizer):
                                int(first))
 
 
-def clip_grad_norm(params, max_norm: float, *, error_if_nonfinite: bool = False) -> float:
+def clip_grad_norm(params: ParamsLike | _Optimizer, max_norm: float, *,
+                   error_if_nonfinite: bool = False) -> float:
     """Scale all factor gradients so that their global 2-norm is at most ``max_norm``.
 
     torch's ``clip_grad_norm_`` semantics: the total norm is the 2-norm of

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from ._base import readonly
 from .errors import LoraConfigError, LoraShapeError
 
+if TYPE_CHECKING:  # layer.py imports this module
+    from .layer import LoraLinear
+
 __all__ = ["TrainContext", "dropout_mask", "keep_scale", "check_dropout", "pissa_to_lora"]
 
 
-def check_dropout(p):
+def check_dropout(p: float) -> float:
     """Return ``p`` as a float in ``[0, 1)``, else raise :class:`~numba_lora.LoraConfigError`.
 
     Parameters
@@ -43,7 +48,7 @@ def check_dropout(p):
     return value
 
 
-def keep_scale(p, dtype):
+def keep_scale(p: float, dtype: DTypeLike) -> float:
     """``1 / (1 - p)`` as torch's ``nn.Dropout`` scales kept elements, as a float.
 
     torch divides its 0/1 noise by ``1 - p`` in the tensor's dtype, so a kept
@@ -65,7 +70,8 @@ def keep_scale(p, dtype):
     return float(t(1) / t(1.0 - p))
 
 
-def dropout_mask(rng, shape, p):
+def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...],
+                 p: float) -> NDArray[np.bool_]:
     """A bool mask of ``shape`` that keeps each element with probability ``1 - p``.
 
     Parameters
@@ -141,7 +147,9 @@ class TrainContext:
     __slots__ = ("layer", "version", "_X", "_XL", "_H", "_mask", "dropout", "keep_scale", "lora",
                  "lead")
 
-    def __init__(self, layer, version, X, XL, H, mask, dropout, keep, lora, lead=None):
+    def __init__(self, layer: LoraLinear, version: int, X: np.ndarray, XL: np.ndarray,
+                 H: np.ndarray, mask: NDArray[np.bool_] | None, dropout: float, keep: float,
+                 lora: bool, lead: tuple[int, ...] | None = None) -> None:
         self.layer = layer
         self.version = version
         self._X = X
@@ -154,22 +162,22 @@ class TrainContext:
         self.lead = (X.shape[0],) if lead is None else tuple(lead)
 
     @property
-    def X(self):
+    def X(self) -> np.ndarray:
         """ndarray: The input, in the layer's dtype (read-only)."""
         return readonly(self._X)
 
     @property
-    def XL(self):
+    def XL(self) -> np.ndarray:
         """ndarray: The LoRA branch's input, after dropout (read-only)."""
         return readonly(self._XL)
 
     @property
-    def H(self):
+    def H(self) -> np.ndarray:
         """ndarray: ``XL @ A.T`` (read-only)."""
         return readonly(self._H)
 
     @property
-    def mask(self):
+    def mask(self) -> NDArray[np.bool_] | None:
         """ndarray of bool or None: The dropout mask (True keeps), or None."""
         return None if self._mask is None else readonly(self._mask)
 
@@ -182,7 +190,9 @@ class TrainContext:
         return (f"TrainContext(batch={self.batch}, dropout={self.dropout:g}, lora={self.lora})")
 
 
-def pissa_to_lora(lora_a, lora_b, initial_a, initial_b, alpha, *, use_rslora=False):
+def pissa_to_lora(lora_a: ArrayLike, lora_b: ArrayLike, initial_a: ArrayLike, initial_b: ArrayLike,
+                  alpha: float, *, use_rslora: bool = False
+                  ) -> tuple[NDArray[np.floating], NDArray[np.floating], float]:
     """A PiSSA-trained layer as a plain LoRA update of the *original* base weight.
 
     A layer made with ``init="pissa"`` trains on the residual base
