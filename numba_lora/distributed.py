@@ -18,16 +18,28 @@ runs the same code a single process runs (:func:`numba_lora.checkpoint.write_sha
 See ``docs/dask.rst``.
 """
 
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import checkpoint
 from ._threads import set_num_threads
 from .errors import LoraEnvironmentError, LoraShapeError, LoraTypeError
 from .io.safetensors import as_path
+
+if TYPE_CHECKING:  # optional dependencies, imported on first use
+    import dask.array
+    import distributed
+
+    from .layer import LoraLinear
+    from .multi import MultiLoraLinear
 
 
 
@@ -53,7 +65,7 @@ def _cores():
     return os.cpu_count() or 1
 
 
-def thread_counts(client):
+def thread_counts(client: distributed.Client) -> dict[str, int]:
     """``{worker address: threads}``: Numba and BLAS threads for each of that worker's tasks.
 
     A host's cores are shared out over the tasks that can run on it at once
@@ -132,8 +144,11 @@ def _write_shard_task(shard, plan, directory, threads):
     return checkpoint.write_shard(plan, shard, directory)
 
 
-def merge(client, base, adapter, out, *, dtype="keep", weights=None, combination=None,
-          threads=None):
+def merge(client: distributed.Client, base: str | os.PathLike[str],
+          adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+          out: str | os.PathLike[str], *, dtype: str = "keep",
+          weights: Sequence[float] | None = None, combination: str | None = None,
+          threads: int | None = None) -> checkpoint.MergeResult:
     """:func:`numba_lora.checkpoint.merge` with one Dask task per shard.
 
     Everything is checked on the client before any task starts (the same
@@ -246,7 +261,9 @@ def _forward_multi_block(X, ids, layer, threads):
     return layer.forward_batch(X, ids[:, 0])
 
 
-def forward_batch(client, layer, X, adapter_ids=None, *, threads=None):
+def forward_batch(client: distributed.Client, layer: LoraLinear | MultiLoraLinear,
+                  X: dask.array.Array, adapter_ids: dask.array.Array | ArrayLike | None = None,
+                  *, threads: int | None = None) -> dask.array.Array:
     """A layer's ``forward_batch`` over the row chunks of a dask array, lazily.
 
     The layer is scattered to every worker once (``client.scatter(layer,

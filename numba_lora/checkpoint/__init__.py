@@ -18,8 +18,12 @@ float16 ones (float32 delta, one rounding): PEFT's default
 ``merge_and_unload()``, bit for bit.  See ``docs/checkpoint.rst``.
 """
 
+from __future__ import annotations
+
+import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +82,7 @@ class MergeResult:
     seconds: float
 
     @property
-    def bytes_per_second(self):
+    def bytes_per_second(self) -> float:
         """float: Shard bytes written per second."""
         return self.bytes / self.seconds if self.seconds > 0 else float("inf")
 
@@ -117,7 +121,11 @@ class _Bar:
             self._bar.close()
 
 
-def merge(base, adapter, out, *, dtype="keep", weights=None, combination=None, progress=None):
+def merge(base: str | os.PathLike[str],
+          adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+          out: str | os.PathLike[str], *, dtype: str = "keep",
+          weights: Sequence[float] | None = None, combination: str | None = None,
+          progress: bool | None = None) -> MergeResult:
     """Write ``base`` with ``adapter`` merged into it to the new directory ``out``.
 
     Parameters

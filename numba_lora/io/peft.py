@@ -9,12 +9,17 @@ that would change the numbers and that numba_lora does not implement is
 refused by name, never skipped.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._validate import as_array
 from ..config import OWNED_KEYS, LoraConfig, check_field
@@ -26,8 +31,11 @@ from ..errors import (
     LoraTypeError,
     LoraUnsupportedError,
 )
-from .safetensors import SafetensorsFile, as_path, open_weights
+from .safetensors import SafetensorsFile, ShardedSafetensors, as_path, open_weights
 from ._fs import quietly as _quietly
+
+if TYPE_CHECKING:  # adapter.py imports this module
+    from ..adapter import LoraAdapter
 
 __all__ = ["load_peft", "save_peft", "check_module_name", "module_aliases",
            "read_adapter_config", "adapter_modules", "check_float_tensor",
@@ -100,7 +108,7 @@ _SAVE_DEFAULTS = {
 
 
 # ------------------------------------------------------------------- names
-def check_module_name(name):
+def check_module_name(name: str) -> str:
     """Return ``name`` if :func:`save_peft` writes it so that :func:`load_peft` reads it back.
 
     The rule, derived from how tensor keys are parsed on the way in:
@@ -154,7 +162,7 @@ def check_module_name(name):
     return name
 
 
-def module_aliases(name):
+def module_aliases(name: str) -> set[str]:
     """Other module names whose base weight a lookup for ``name`` would also find.
 
     Base weights are found with or without a leading ``model.``, so layers
@@ -177,7 +185,7 @@ def module_aliases(name):
 
 
 # --------------------------------------------------------------------- reading
-def read_adapter_config(path):
+def read_adapter_config(path: Path) -> LoraConfig:
     """The :class:`~numba_lora.LoraConfig` of the PEFT adapter directory ``path``, checked.
 
     Reads ``path / "adapter_config.json"``.  Keys numba_lora models become
@@ -242,7 +250,7 @@ def read_adapter_config(path):
     return LoraConfig(**kwargs)
 
 
-def adapter_modules(weights):
+def adapter_modules(weights: SafetensorsFile) -> dict[str, dict[str, str]]:
     """``{module: {"A": key, "B": key}}`` from an adapter file's tensor names, in file order.
 
     Parameters
@@ -312,7 +320,8 @@ def adapter_modules(weights):
     return modules
 
 
-def check_float_tensor(file, key, what):
+def check_float_tensor(file: SafetensorsFile | ShardedSafetensors, key: str,
+                       what: str) -> None:
     """Raise LoraFormatError unless tensor ``key`` of ``file`` has a float dtype.
 
     The float dtypes are :data:`FLOAT_DTYPES` (F16, BF16, F32, F64).
@@ -401,7 +410,9 @@ class _BaseWeights:
         return key, W
 
 
-def load_peft(cls, path, base_weights, *, quantize=None):
+def load_peft(cls: type[LoraAdapter], path: str | os.PathLike[str],
+              base_weights: Mapping[str, ArrayLike] | str | os.PathLike[str], *,
+              quantize: str | None = None) -> LoraAdapter:
     """Build ``cls`` (a LoraAdapter) from a PEFT adapter directory; see ``LoraAdapter.from_peft``.
 
     Parameters
@@ -497,7 +508,7 @@ def _check_savable(adapter):
     return config
 
 
-def save_peft(adapter, path):
+def save_peft(adapter: LoraAdapter, path: str | os.PathLike[str]) -> None:
     """Write ``adapter`` as a PEFT adapter directory; see ``LoraAdapter.save_peft``.
 
     Both files are written to temporary names in the target directory and

@@ -9,10 +9,13 @@ end, a dtype NumPy has no type for) be reported as
 a caller read only the tensors it needs from a large base-model file.
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,7 @@ class SafetensorsFile:
         file; the message names the file (and the tensor, where one is at fault).
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = as_path(path)
         if self.path.is_dir():
             raise LoraFormatError(f"{self.path} is a directory, not a safetensors file")
@@ -176,16 +179,16 @@ class SafetensorsFile:
         return dtype, tuple(shape), start, stop
 
     @property
-    def size(self):
+    def size(self) -> int:
         """int: The file's size in bytes, when its header was read."""
         return self._size
 
     @property
-    def data_start(self):
+    def data_start(self) -> int:
         """int: Where the data begins in the file: 8 bytes of length, then the header."""
         return self._data_start
 
-    def data_offsets(self, key):
+    def data_offsets(self, key: str) -> tuple[int, int]:
         """``(start, stop)`` of tensor ``key``'s bytes, relative to :attr:`data_start`.
 
         Parameters
@@ -200,7 +203,7 @@ class SafetensorsFile:
         """
         return self._entries[key][2:]
 
-    def file_of(self, key):
+    def file_of(self, key: str) -> Path:
         """The file that holds tensor ``key``: this one (as for a sharded checkpoint).
 
         Parameters
@@ -215,7 +218,7 @@ class SafetensorsFile:
         """
         return self.path
 
-    def keys(self):
+    def keys(self) -> list[str]:
         """The tensor names, in header order (``__metadata__`` left out).
 
         Returns
@@ -231,7 +234,7 @@ class SafetensorsFile:
     def __len__(self):
         return len(self._entries)
 
-    def dtype(self, key):
+    def dtype(self, key: str) -> str:
         """The tensor's safetensors dtype name (``"F32"``, ``"BF16"``, ...).
 
         Parameters
@@ -246,7 +249,7 @@ class SafetensorsFile:
         """
         return self._entries[key][0]
 
-    def shape(self, key):
+    def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, from the header.
 
         Parameters
@@ -261,7 +264,7 @@ class SafetensorsFile:
         """
         return self._entries[key][1]
 
-    def read(self, key):
+    def read(self, key: str) -> np.ndarray:
         """Tensor ``key`` as a writable, native-byte-order array.
 
         bfloat16, which NumPy has no dtype for, is widened to float32
@@ -280,7 +283,7 @@ class SafetensorsFile:
         """
         return self.read_many([key])[key]
 
-    def read_many(self, keys):
+    def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         """``{key: array}`` for ``keys``, in one pass over the file.
 
         Parameters
@@ -319,7 +322,7 @@ def _is_count(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_safetensors(path):
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` for every tensor of a safetensors file.
 
     bfloat16 tensors, which NumPy has no dtype for, are widened to float32
@@ -351,7 +354,7 @@ def _plain_name(name):
             and not os.path.isabs(name))
 
 
-def read_index(path):
+def read_index(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``weight_map`` ``{tensor name: shard file name}`` of a safetensors index file.
 
     Hugging Face writes one beside the shards of a checkpoint too large for
@@ -419,7 +422,7 @@ class ShardedSafetensors:
         the tensor.
     """
 
-    def __init__(self, index):
+    def __init__(self, index: str | os.PathLike[str]) -> None:
         self.path = as_path(index)
         self._weight_map = read_index(self.path)
         self._shards = {}
@@ -438,7 +441,7 @@ class ShardedSafetensors:
                                   "does not hold it")
         return shard
 
-    def keys(self):
+    def keys(self) -> list[str]:
         """The tensor names, in the index's order.
 
         Returns
@@ -454,7 +457,7 @@ class ShardedSafetensors:
     def __len__(self):
         return len(self._weight_map)
 
-    def file_of(self, key):
+    def file_of(self, key: str) -> Path:
         """The path of the shard the index places tensor ``key`` in.
 
         Parameters
@@ -469,7 +472,7 @@ class ShardedSafetensors:
         """
         return self.path.parent / self._weight_map[key]
 
-    def dtype(self, key):
+    def dtype(self, key: str) -> str:
         """The tensor's safetensors dtype name, from its shard's header.
 
         Parameters
@@ -484,7 +487,7 @@ class ShardedSafetensors:
         """
         return self._shard(key).dtype(key)
 
-    def shape(self, key):
+    def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, from its shard's header.
 
         Parameters
@@ -499,7 +502,7 @@ class ShardedSafetensors:
         """
         return self._shard(key).shape(key)
 
-    def read(self, key):
+    def read(self, key: str) -> np.ndarray:
         """Tensor ``key``, read from its shard alone; see :meth:`SafetensorsFile.read`.
 
         Parameters
@@ -514,7 +517,7 @@ class ShardedSafetensors:
         """
         return self._shard(key).read(key)
 
-    def read_many(self, keys):
+    def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         """``{key: array}`` for ``keys``, each shard opened once.
 
         Parameters
@@ -539,7 +542,7 @@ class ShardedSafetensors:
         return {key: result[key] for key in keys}
 
 
-def open_weights(path):
+def open_weights(path: str | os.PathLike[str]) -> SafetensorsFile | ShardedSafetensors:
     """The weights at ``path``, lazily: a :class:`SafetensorsFile` or a :class:`ShardedSafetensors`.
 
     ``path`` is a ``.safetensors`` file, a ``*.safetensors.index.json``
