@@ -1,7 +1,11 @@
 """``python -m numba_lora``: a short demo; ``bench``: the benchmark; ``merge``: merge a checkpoint."""
 
+from __future__ import annotations
+
+import argparse
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -9,7 +13,7 @@ from .bench import cli as bench_cli
 from .checkpoint import cli as merge_cli
 
 
-def demo():
+def demo() -> int:
     """Build a layer, check it against NumPy, and time it against NumPy and dense BLAS."""
     t0 = time.perf_counter()
     from . import LoraLinear, __version__, bench
@@ -47,14 +51,14 @@ def demo():
     return 0
 
 
-def version():
+def version() -> str:
     """``numba_lora.__version__``: the installed distribution's version (pyproject's)."""
     from . import __version__
 
     return __version__
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     """``python -m numba_lora [--version] [bench ... | merge ...]``; without a command, the demo."""
     p = bench_cli.ArgumentParser(
         prog="python -m numba_lora",
@@ -74,7 +78,7 @@ def parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits on --help, --version, errors)."""
     args = parser().parse_args(argv)
     if args.command is None:

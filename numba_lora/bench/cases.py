@@ -13,7 +13,10 @@ Where torch and peft are installed, the multi-adapter cases also time PEFT's
 ``adapter_names=`` forward against PEFT's own single-adapter forward.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numba
@@ -122,7 +125,8 @@ def _layer(shape, rank, dtype, seed=0):
     return layer, rng
 
 
-def run_case(op, shape, rank, dtype, batch=1, threads=None, budget_s=1.0):
+def run_case(op: str, shape: tuple[int, int], rank: int, dtype: str, batch: int = 1,
+             threads: int | None = None, budget_s: float = 1.0) -> list[Result]:
     """Time one case; return a list of :class:`Result`.
 
     Parameters
@@ -437,9 +441,11 @@ def _plan(shapes, ranks, dtypes, batches, threads, merge, multi, quant=None, tra
     return plan
 
 
-def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, dtypes=("float32",),
-        batches=DEFAULT_BATCHES, threads=(None,), merge=True, multi=False, budget_s=1.0,
-        progress=True, quant=None, train=False):
+def run(shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES, ranks: Sequence[int] = DEFAULT_RANKS,
+        dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = DEFAULT_BATCHES,
+        threads: Sequence[int | None] = (None,), merge: bool = True, multi: bool = False,
+        budget_s: float = 1.0, progress: bool = True, quant: str | None = None,
+        train: bool = False) -> list[Result]:
     """Run every combination; return a list of :class:`Result`.
 
     Parameters

@@ -5,11 +5,15 @@ stderr) before anything is timed: a benchmark that runs for minutes should
 not fail at its end on an option it could have refused at its start.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import NoReturn, TypeVar
 
 import numba
 
@@ -22,6 +26,8 @@ __all__ = ["ArgumentParser", "DESCRIPTION", "add_arguments", "execute", "parser"
 DESCRIPTION = "Time numba_lora against plain NumPy and the dense BLAS product."
 DTYPES = ("float32", "float64")
 
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its usage errors on one line: ``PROG: error: MESSAGE (see --help)``.
@@ -29,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
     Subparsers inherit the class, so ``python -m numba_lora`` uses it too.
     """
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         """Exit with status 2 and the usage error on one line, no traceback.
 
         Parameters
@@ -104,7 +110,7 @@ def _output(text):
     return text
 
 
-def add_arguments(p):
+def add_arguments(p: _Parser) -> _Parser:
     """Add the bench's options to the (sub)parser ``p``.
 
     Parameters
@@ -149,7 +155,7 @@ def add_arguments(p):
     return p
 
 
-def parser():
+def parser() -> ArgumentParser:
     """The bench's parser on its own (``python -m numba_lora`` adds it as a subcommand).
 
     Returns
@@ -174,7 +180,7 @@ def _check_memory(shapes, p):
                     f"{need / 2**30:.1f} GiB, more than this machine's {physical / 2**30:.1f} GiB")
 
 
-def execute(args, p):
+def execute(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run the bench for parsed ``args``; ``p`` (their parser) reports what they cannot mix.
 
     A rank above a shape's ``min(OUT, IN)`` and a shape too large for the
@@ -223,7 +229,7 @@ def execute(args, p):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m numba_lora bench [options]``; returns the exit code.
 
     Parameters

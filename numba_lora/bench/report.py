@@ -4,19 +4,26 @@
 memory and cold-start figures read the same in the terminal and in the docs.
 """
 
+from __future__ import annotations
+
 import os
 import platform
 import sys
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 import numba
 import numpy as np
+
+if TYPE_CHECKING:  # cases.py imports this module
+    from .cases import Result
 
 __all__ = ["format_table", "format_time", "describe_extras", "machine_info", "Progress"]
 
 _UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
 
 
-def format_time(seconds):
+def format_time(seconds: float) -> str:
     """``seconds`` in s, ms or us, whichever puts the value at 1 or above (us at most).
 
     Four significant digits: 3 decimals below 10, 2 below 100, else 1.
@@ -49,7 +56,7 @@ def format_time(seconds):
     return f"{value:.{decimals}f} {unit}"
 
 
-def format_table(results):
+def format_table(results: Sequence[Result]) -> str:
     """Format results as a plain-text table.
 
     Times are medians; the last lines say what each baseline timed.
@@ -99,7 +106,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def describe_extras(report):
+def describe_extras(report: dict[str, Any]) -> list[str]:
     """Sentences for the memory and cold-start figures of a report, if it has them.
 
     Shared by the bench's table and ``docs/make_performance.py``, so the
@@ -136,7 +143,7 @@ def describe_extras(report):
     return lines
 
 
-def machine_info():
+def machine_info() -> dict[str, Any]:
     """What the figures were measured on.
 
     Returns
@@ -177,12 +184,12 @@ class Progress:
         Where to write; ``sys.stderr`` by default.
     """
 
-    def __init__(self, total, stream=None):
+    def __init__(self, total: int, stream: IO[str] | None = None) -> None:
         self.stream = sys.stderr if stream is None else stream
         self.total, self.done = total, 0
         self.tty = self.stream.isatty()
 
-    def step(self, label):
+    def step(self, label: str) -> None:
         """Show that the step ``label`` starts.
 
         Parameters
@@ -201,7 +208,7 @@ class Progress:
         self.stream.flush()
         self.done += 1
 
-    def close(self):
+    def close(self) -> None:
         """Clear the bar from a terminal (nothing to do otherwise)."""
         if self.tty:
             self.stream.write("\r" + " " * 78 + "\r")

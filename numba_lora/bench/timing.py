@@ -4,14 +4,19 @@ Nothing here knows what is timed; :mod:`numba_lora.bench.cases` supplies the
 callables.
 """
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numba
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .._threads import get_num_threads, set_num_threads
 from ..kernels._blas import set_blas_threads
@@ -20,7 +25,8 @@ __all__ = ["interleaved", "current_threads", "set_threads", "cold_start", "cold_
            "merge_peak_extra_bytes", "memory_rows"]
 
 
-def interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=False):
+def interleaved(funcs: Sequence[Callable[[], Any]], budget_s: float, min_repeats: int = 5,
+                max_repeats: int = 200, self_timed: bool = False) -> tuple[list[Any], int]:
     """Median time of each callable, calling them in turn (forward, then reversed).
 
     Interleaving (A B C, then C B A, ...) lets machine noise fall on every
@@ -80,7 +86,7 @@ def interleaved(funcs, budget_s, min_repeats=5, max_repeats=200, self_timed=Fals
     return [m if self_timed else float(m) for m in medians], repeats
 
 
-def current_threads():
+def current_threads() -> int:
     """Numba's thread count, the one a result is labelled with.
 
     Returns
@@ -91,7 +97,7 @@ def current_threads():
     return numba.get_num_threads()
 
 
-def set_threads(n):
+def set_threads(n: int) -> Callable[[], None]:
     """Use ``n`` threads in Numba and in the BLAS (NumPy's, which the kernels share).
 
     Parameters
@@ -115,7 +121,8 @@ def set_threads(n):
     return restore
 
 
-def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
+def cold_start(dtype: str = "float32", shape: tuple[int, int] = (4096, 4096), rank: int = 16,
+               cache_dir: str | os.PathLike[str] | None = None) -> float:
     """Seconds for a fresh interpreter to import numba_lora and run the first forward.
 
     Parameters
@@ -150,7 +157,7 @@ def cold_start(dtype="float32", shape=(4096, 4096), rank=16, cache_dir=None):
     return float(out.strip().splitlines()[-1])
 
 
-def cold_start_figures():
+def cold_start_figures() -> dict[str, float]:
     """The report's ``cold_start`` entry: median of three warm-cache starts, one cold.
 
     Returns
@@ -221,7 +228,8 @@ print(peak_bytes() - before)
 """
 
 
-def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
+def merge_peak_extra_bytes(shape: tuple[int, int], rank: int, dtype: DTypeLike,
+                           side: str = "numba_lora") -> int:
     """Growth of peak RSS during one merge, in bytes, measured in a fresh process.
 
     On Linux the peak is reset after the warm-up (``/proc/self/clear_refs``);
@@ -252,7 +260,8 @@ def merge_peak_extra_bytes(shape, rank, dtype, side="numba_lora"):
     return int(out.strip().splitlines()[-1])
 
 
-def memory_rows(shapes, ranks, dtypes):
+def memory_rows(shapes: Sequence[tuple[int, int]], ranks: Sequence[int],
+                dtypes: Sequence[str]) -> list[dict[str, Any]]:
     """The report's ``memory`` entry: one merge's extra peak memory, both sides, per case.
 
     Parameters
