@@ -611,6 +611,19 @@ class LoraAdapter:
             nor a path.
         LoraDtypeError
             If a base weight in a mapping is not a float array.
+
+        Notes
+        -----
+        A bfloat16 (or float16) base weight is widened to float32 as it is
+        read, exactly, so each layer holds twice the bytes the checkpoint
+        stores for it (a 4096 x 4096 projection: 32 MiB in bfloat16, 64 MiB
+        in the layer).  The forward is a float32 BLAS product, and Numba has
+        no bfloat16 type; keeping ``W`` in bfloat16 would need a forward that
+        widens one tile of ``W`` at a time, as the NF4 path does, which is not
+        built.  For less memory than bfloat16, ``quantize="nf4"`` (4.5 bits
+        per weight); to write a merged bfloat16 checkpoint, bit for bit as
+        PEFT, :func:`numba_lora.checkpoint.merge`, which keeps bfloat16 in
+        the files.  See the design notes (``docs/design.rst``).
         """
         from .io.peft import load_peft
 

@@ -428,6 +428,15 @@ def load_peft(cls: type[LoraAdapter], path: str | os.PathLike[str],
     -------
     LoraAdapter
         A new adapter of class ``cls`` (the first argument), one layer per module.
+
+    Notes
+    -----
+    Base weights read from files come from :meth:`SafetensorsFile.read
+    <numba_lora.io.safetensors.SafetensorsFile.read>`, which widens bfloat16
+    to float32 exactly; a float16 base is widened by the layer.  Each layer
+    then holds its base in float32, twice the bytes of the bfloat16 tensor:
+    its forward is a float32 BLAS product and Numba has no bfloat16 type (see
+    ``LoraAdapter.from_peft`` and ``docs/design.rst``).
     """
     if quantize not in (None, "nf4"):
         raise LoraConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
