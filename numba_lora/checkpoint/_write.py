@@ -63,12 +63,31 @@ _BIG_ENDIAN = sys.byteorder == "big"
 DIRECT_IO = True
 _ALIGN = 4096  # O_DIRECT offsets, lengths and addresses: a multiple of every logical block size
 _DIRECT_CHUNK = 8 << 20
+_DIRECT_CHUNKS = 2  # one filled while the other is written
+
+#: ``fsync`` each shard before renaming it into place (durable once
+#: :func:`merge` returns).  Off, a shard is renamed once its bytes are in the
+#: page cache, as ``shutil.copyfile`` leaves a copy: a failure or an
+#: interruption still leaves nothing half-written, but a power loss soon after
+#: the merge can (the operating system writes the bytes out later).  Off also
+#: means no ``O_DIRECT`` (which writes to the disk as it goes).
+SYNC = True
+
+#: Where the bytes go through the page cache: merge each adapted tensor in
+#: place in a shared mapping of the output, after the operating system has
+#: copied the whole shard (``copy_file_range``), rather than reading it into
+#: a buffer, merging and writing the buffer.  Used only where the kernel can
+#: pre-fault the mapping (``MADV_POPULATE_WRITE``, Linux 5.14 and later),
+#: which reports a page it cannot make writable as an error, not SIGBUS.
+MAP_WRITES = True
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
+                               23 if sys.platform.startswith("linux") else None)
 
 
 def _open_output(path):
     """(unbuffered binary file, True if O_DIRECT) for a new shard file at ``path``."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    direct = DIRECT_IO and hasattr(os, "O_DIRECT")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    direct = DIRECT_IO and SYNC and hasattr(os, "O_DIRECT")
     fd = None
     if direct:
         try:
@@ -79,7 +98,7 @@ def _open_output(path):
             direct = False
     if fd is None:
         fd = os.open(path, flags, 0o666)
-    return open(fd, "wb", buffering=0), direct
+    return open(fd, "r+b", buffering=0), direct
 
 
 class _Copier:
@@ -118,14 +137,17 @@ class _Copier:
         _write_all(self.dst, view)
 
     def sync(self):
-        os.fsync(self.dst.fileno())
+        if SYNC:
+            os.fsync(self.dst.fileno())
 
 
 class _DirectSink:
-    """Writes a shard's bytes, handed over in file order, through one aligned chunk (O_DIRECT).
+    """Writes a shard's bytes, handed over in file order, through aligned chunks (O_DIRECT).
 
-    Unchanged byte ranges are read from ``src`` into the chunk, merged
-    tensors copied into it; each full chunk is written at its offset.  The
+    Unchanged byte ranges are read from ``src`` into a chunk, merged
+    tensors copied into it; each full chunk goes to a flusher thread, which
+    writes it at its offset while the next chunk fills, so the disk is not
+    idle while a chunk is filled.  ``_DIRECT_CHUNKS`` chunks go round.  The
     last one is padded to the alignment and the file cut back to ``size``.
     If the file system refuses an O_DIRECT write (EINVAL), the file is
     switched to buffered writes and the same chunks are written that way.
@@ -133,11 +155,19 @@ class _DirectSink:
 
     def __init__(self, src, dst, path, size):
         self.src, self.dst, self.path, self.size = src, dst, path, size
-        self._chunk = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._chunk)
-        self._fill = 0  # bytes in the chunk
-        self._at = 0  # file offset of the chunk's first byte
         self.direct = True
+        self._maps = [mmap.mmap(-1, _DIRECT_CHUNK) for _ in range(max(1, _DIRECT_CHUNKS))]
+        self._free = queue.Queue()  # page-aligned chunks, as O_DIRECT needs
+        for chunk in self._maps:
+            self._free.put(memoryview(chunk))
+        self._full = queue.Queue()  # (chunk, bytes, file offset) for the flusher; None ends it
+        self._error = None  # the flusher's
+        self._flusher = threading.Thread(target=self._flush_all, name=f"flush {path.name}",
+                                         daemon=True)
+        self._flusher.start()
+        self._view = self._free.get()
+        self._fill = 0  # bytes in the chunk being filled
+        self._at = 0  # file offset of its first byte
 
     def copy(self, offset, count):
         if self.src is None:
@@ -162,17 +192,41 @@ class _DirectSink:
     def _advance(self, n):
         self._fill += n
         if self._fill == len(self._view):
-            self._flush()
+            self._hand_over()
 
-    def _flush(self):
-        n = self._fill
+    def _hand_over(self):
+        """The chunk being filled to the flusher; the next free one to fill."""
+        if self._error is not None:
+            raise self._error
+        self._full.put((self._view, self._fill, self._at))
+        self._at += self._fill
+        self._fill = 0
+        self._view = self._free.get()
+        if self._error is not None:
+            raise self._error
+
+    # ---------------------------------------------------------- flusher thread
+    def _flush_all(self):
+        while True:
+            item = self._full.get()
+            if item is None:
+                return
+            chunk, n, at = item
+            if self._error is None:
+                try:
+                    self._flush(chunk, n, at)
+                except BaseException as exc:  # raised by the filling thread
+                    self._error = exc
+            self._free.put(chunk)
+
+    def _flush(self, chunk, n, at):
         padded = n + (-n % _ALIGN)
-        self._view[n:padded] = bytes(padded - n)  # cut off again by sync()
+        chunk[n:padded] = bytes(padded - n)  # cut off again by sync()
         fd = self.dst.fileno()
         done = 0
         while done < padded:
             try:
-                done += os.pwrite(fd, self._view[done:padded], self._at + done)
+                done += os.pwrite(fd, chunk[done:padded], at + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self.direct:
                     raise
@@ -180,18 +234,37 @@ class _DirectSink:
 
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
-        self._at += n
-        self._fill = 0
+
+    def _stop(self):
+        """Let the flusher write what it has, and end it."""
+        if self._flusher.is_alive():
+            self._full.put(None)
+            self._flusher.join()
 
     def sync(self):
         if self._fill:
-            self._flush()
+            self._hand_over()
+        self._stop()
+        if self._error is not None:
+            raise self._error
         if self._at != self.size:
             raise LoraFormatError(f"{self.path}: wrote {self._at} bytes of {self.size}")
         os.ftruncate(self.dst.fileno(), self.size)
         os.fsync(self.dst.fileno())
-        self._view.release()
-        self._chunk.close()
+
+    def close(self):
+        """End the flusher (if still running) and free the chunks."""
+        self._stop()
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        while not self._free.empty():
+            self._free.get_nowait().release()
+        for chunk in self._maps:
+            try:
+                chunk.close()
+            except BufferError:
+                pass  # a failure's traceback still holds a view of it: unmapped when it goes
 
 
 def _write_all(dst, view):
@@ -361,11 +434,17 @@ class _ShardJob:
             # Keep taking items (and handing buffers back), or the calling
             # thread would wait for a buffer forever.
             self._error = exc
+        sink = None
         try:
-            sink = (_DirectSink(src, self._dst, self.path, self.layout.size) if self._direct
-                    else _Copier(src, self._dst, self.path))
+            try:
+                sink = (_DirectSink(src, self._dst, self.path, self.layout.size) if self._direct
+                        else _Copier(src, self._dst, self.path))
+            except BaseException as exc:  # as above: the loop below only hands things back
+                self._error = self._error or exc
             self._write_from(sink)
         finally:
+            if isinstance(sink, _DirectSink):
+                sink.close()
             if src is not None:
                 src.close()
 
@@ -375,23 +454,23 @@ class _ShardJob:
             if item is None:
                 return
             kind, first, second = item
-            if self._error is not None:
-                if kind == "buffer":
-                    self._free.put(first)
-                continue
-            try:
-                if kind == "copy":
-                    copier.copy(first, second)
-                elif kind == "buffer":
-                    copier.write(second)
-                else:  # "sync": every buffer is back; free them before the wait
-                    while not self._free.empty():
-                        self._free.get_nowait()
-                    copier.sync()
-            except BaseException as exc:  # handed to the calling thread
-                self._error = exc
+            if self._error is None:
+                try:
+                    if kind == "copy":
+                        copier.copy(first, second)
+                    elif kind == "buffer":
+                        copier.write(second)
+                    elif kind == "sync":  # every buffer is back; free them before the wait
+                        while not self._free.empty():
+                            self._free.get_nowait()
+                        copier.sync()
+                except BaseException as exc:  # handed to the calling thread
+                    self._error = exc
+            # Whatever happened, hand back what the calling thread waits for.
             if kind == "buffer":
                 self._free.put(first)
+            elif kind == "signal":  # everything queued before it is copied
+                first.set()
 
     def _check(self):
         if self._error is not None:
@@ -418,13 +497,18 @@ class _ShardJob:
         self._dst, self._direct = _open_output(self.tmp)
         if os.fstat(self._src.fileno()).st_size != layout.size:
             raise LoraFormatError(f"{self.path} changed size since the merge was checked")
-        if self.merges:
+        mapped = (MAP_WRITES and not self._direct and bool(self.merges)
+                  and _MADV_POPULATE_WRITE is not None and hasattr(mmap.mmap, "madvise"))
+        if self.merges and not mapped:
             largest = max(_nbytes(layout.tensor(name)) for name in self.merges)
             for _ in range(2):
                 self._free.put(np.empty(largest, np.uint8))
         self._thread = threading.Thread(target=self._write, name=f"write {layout.name}",
                                         daemon=True)
         self._thread.start()
+        if mapped:
+            self._run_mapped()
+            return
         self._queue.put(("copy", 0, layout.data_start))
         self.report(layout.data_start)
         position = 0  # bytes of data queued so far, from the data start
@@ -445,12 +529,92 @@ class _ShardJob:
         self._queue.put(("sync", None, None))
         self._queue.put(None)
 
+    def _run_mapped(self):
+        """Queue the whole shard's copy; merge each adapted tensor in the output once copied.
+
+        The writer copies the shard in file order (in the kernel where it
+        can) while this thread follows it: as soon as an adapted tensor's
+        bytes are in the output, they are mapped, pre-faulted, merged in
+        place and unmapped, so memory stays at one tensor's pages.  The
+        writer syncs after the last merge.
+        """
+        layout = self.layout
+        size = layout.size
+        # Every copy goes in first: the writer runs ahead of the merges.
+        waits = []
+        position = 0  # file offset queued so far
+        for info in layout.tensors:
+            if info.name not in self.merges:
+                continue
+            stop = layout.data_start + info.stop
+            self._queue.put(("copy", position, stop - position))
+            done = threading.Event()
+            self._queue.put(("signal", done, None))
+            waits.append((info, done))
+            position = stop
+        self._queue.put(("copy", position, size - position))
+        reported = 0
+        for info, done in waits:
+            done.wait()
+            self._check()
+            self.report(layout.data_start + info.start - reported)
+            self._merge_in_place(info, self.merges[info.name])
+            self.report(info.stop - info.start)
+            reported = layout.data_start + info.stop
+        self.report(size - reported)
+        self._queue.put(("sync", None, None))
+        self._queue.put(None)
+
+    def _merge_in_place(self, info, merge):
+        """Merge one tensor in a shared mapping of the output file, or by pwrite if refused."""
+        dtype = _KERNELS[info.dtype][0]
+        start = self.layout.data_start + info.start
+        nbytes = _nbytes(info)
+        if nbytes == 0:
+            self._compute(np.empty(info.shape, dtype), info, merge)
+            return
+        lo = start - start % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(self._dst.fileno(), start + nbytes - lo, offset=lo)
+        W = None
+        try:
+            try:
+                region.madvise(_MADV_POPULATE_WRITE)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise  # a page that cannot be made writable: disk full, I/O error
+                self._merge_by_write(info, merge)
+                return
+            W = np.frombuffer(region, dtype, count=nbytes // np.dtype(dtype).itemsize,
+                              offset=start - lo).reshape(info.shape)
+            self._compute(W, info, merge)
+        finally:
+            W = None
+            try:
+                region.close()
+            except BufferError:
+                pass  # a failed kernel's traceback still holds W: unmapped when it goes
+
+    def _merge_by_write(self, info, merge):
+        """The tensor read, merged in a buffer and written over its copy (no mapping)."""
+        buffer = np.empty(_nbytes(info), np.uint8)
+        view = self._merge(buffer, info, merge)
+        offset = self.layout.data_start + info.start
+        while len(view):
+            n = os.pwrite(self._dst.fileno(), view, offset)
+            view, offset = view[n:], offset + n
+
     def _merge(self, buffer, info, merge):
-        dtype, threaded, serial, compute = _KERNELS[info.dtype]
-        kernel = threaded if self._threads > 1 else serial
+        dtype = _KERNELS[info.dtype][0]
         view = memoryview(buffer)[:_nbytes(info)]
         W = np.frombuffer(view, dtype).reshape(info.shape)
         _read_exactly(self._src, self.layout.data_start + info.start, view, self.path, info.name)
+        self._compute(W, info, merge)
+        return view
+
+    def _compute(self, W, info, merge):
+        """Merge ``merge`` into ``W`` (the tensor's stored bits, in file byte order) in place."""
+        _, threaded, serial, compute = _KERNELS[info.dtype]
+        kernel = threaded if self._threads > 1 else serial
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
         A, B = _factors(self.adapters, merge, info, compute)
@@ -461,7 +625,6 @@ class _ShardJob:
             kernel(W, A, B, merge.scaling)
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
-        return view
 
     def finish(self):
         """Wait for the writer, then rename the shard into place; return its bytes."""
