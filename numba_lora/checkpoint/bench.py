@@ -87,15 +87,21 @@ def _write_safetensors(path, items, dtype, rng):
             fh.write(_values(rng, shape, dtype).tobytes())
 
 
-def make_checkpoint(directory, gib, dtype, shard_mib):
-    """Write the synthetic base and adapter under ``directory``; return (base, adapter)."""
+def make_checkpoint(directory, gib, dtype, shard_mib, targets=None):
+    """Write the synthetic base and adapter under ``directory``; return (base, adapter).
+
+    ``targets``: the projections the adapter targets (names such as
+    ``"q_proj"``); default all seven.
+    """
     directory = Path(directory)
+    modules = [m for m in MODULES if targets is None or m[0].split(".")[1] in targets]
     itemsize = _CODES[dtype][1]
     per_layer = sum(o * i for _, o, i in MODULES) + 2 * HIDDEN
     fixed = 2 * VOCAB * HIDDEN + HIDDEN
     layers = max(1, math.ceil((gib * 2**30 / itemsize - fixed) / per_layer))
     base = directory / f"base-{dtype}-{layers}l"
-    adapter = directory / f"adapter-{layers}l"
+    adapter = directory / (f"adapter-{layers}l" if len(modules) == len(MODULES) else
+                           f"adapter-{layers}l-" + "-".join(m[0].split(".")[1] for m in modules))
     rng = np.random.default_rng(0)
     if not (base / "model.safetensors.index.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
@@ -126,7 +132,7 @@ def make_checkpoint(directory, gib, dtype, shard_mib):
         adapter.mkdir(parents=True, exist_ok=True)
         factors = {}
         for i in range(layers):
-            for module, out, inn in MODULES:
+            for module, out, inn in modules:
                 key = f"base_model.model.model.layers.{i}.{module}"
                 factors[f"{key}.lora_A.weight"] = (
                     rng.standard_normal((RANK, inn), dtype=np.float32) * np.float32(0.02))
@@ -135,7 +141,7 @@ def make_checkpoint(directory, gib, dtype, shard_mib):
         save_file(factors, adapter / "adapter_model.safetensors")
         (adapter / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK,
-            "target_modules": [m.split(".")[1] for m, _, _ in MODULES]}))
+            "target_modules": [m.split(".")[1] for m, _, _ in modules]}))
     return base, adapter
 
 
@@ -186,7 +192,11 @@ import resource, sys, time
 import numba_lora, numba_lora.checkpoint as c
 from numba_lora import kernels
 from numba_lora.checkpoint import _write
-_write.DIRECT_IO = sys.argv[4] == "direct"
+how = sys.argv[4]
+if how != "default":
+    _write.DIRECT_IO = how.startswith("direct")
+    _write.MAP_WRITES = how.startswith("mapped")
+    _write.SYNC = not how.endswith("-nosync")
 import numpy as np
 W = np.zeros((8, 8), np.uint16); A = np.zeros((2, 8), np.float32); B = np.zeros((8, 2), np.float32)
 # Load the kernels first (from Numba's cache: about half a second, once per
@@ -220,11 +230,32 @@ print(floor, peak, r.seconds, r.bytes, spent)
 """
 
 
-def _merge(base, adapter, out, how="direct"):
+def _merge(base, adapter, out, how="default"):
     result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out), how],
                             check=True, capture_output=True, text=True)
     floor_kib, peak_kib, seconds, nbytes, cpu = result.stdout.split()
     return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes), float(cpu)
+
+
+#: Ways of writing the merge, as the child process sets ``_write``'s switches.
+MODES = {
+    "default": "numba_lora's defaults, as merge() runs",
+    "direct": "O_DIRECT writes through one aligned chunk, synced",
+    "mapped": "the shard copied by the kernel, adapted tensors merged in a shared mapping, synced",
+    "buffered": "the shard copied by the kernel, merged tensors written from a buffer, synced",
+    "mapped-nosync": "as mapped, left in the page cache (no fsync), as copyfile leaves its copy",
+    "buffered-nosync": "as buffered, left in the page cache (no fsync)",
+}
+
+
+def _adapted_bytes(base, adapter):
+    from . import plan_merge
+
+    plan = plan_merge(base, adapter)
+    where = {name: shard for shard in plan.checkpoint.shards for name in
+             (info.name for info in shard.tensors)}
+    return sum(where[m.tensor].tensor(m.tensor).stop - where[m.tensor].tensor(m.tensor).start
+               for m in plan.merges)
 
 
 def main(argv=None):
@@ -237,20 +268,42 @@ def main(argv=None):
     p.add_argument("--shard-mib", type=int, default=500, help="shard size in MiB (default 500)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated projections the adapter targets (default all seven; "
+                        "PEFT's default for Llama is q_proj,v_proj)")
+    p.add_argument("--modes", default="default",
+                   help="comma-separated ways of writing the merge, each timed in its turn: "
+                        + "; ".join(f"{k}: {v}" for k, v in MODES.items()))
     p.add_argument("--buffered", action="store_true",
-                   help="also time the merge with buffered writes (no O_DIRECT), interleaved")
+                   help="also time the merge with buffered writes (mode 'buffered')")
     args = p.parse_args(argv)
-    base, adapter = make_checkpoint(args.dir, args.gib, args.dtype, args.shard_mib)
+    modes = [m for m in args.modes.split(",") if m]
+    if args.buffered and "buffered" not in modes:
+        modes.append("buffered")
+    for mode in modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    targets = None
+    if args.targets:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        known = [m.split(".")[1] for m, _, _ in MODULES]
+        if not targets or any(t not in known for t in targets):
+            p.error(f"--targets: choose from {', '.join(known)}")
+    base, adapter = make_checkpoint(args.dir, args.gib, args.dtype, args.shard_mib, targets)
     total = sum(path.stat().st_size for path in base.glob("*.safetensors"))
     every = sum(path.stat().st_size for path in base.iterdir())
     shards = sorted(base.glob("*.safetensors"))
     largest_shard = max(path.stat().st_size for path in shards)
+    adapted = _adapted_bytes(base, adapter)
     print(f"base {base}: {total / 2**30:.2f} GiB in {len(shards)} shards "
-          f"(largest {largest_shard / 2**20:.0f} MiB), adapter rank {RANK}")
+          f"(largest {largest_shard / 2**20:.0f} MiB), adapter rank {RANK} on "
+          f"{args.targets or 'all seven projections'}: {adapted / total:.0%} of the bytes adapted")
     _read_all(base)
     _read_all(adapter)
-    rows = {"copy": [], "copy+fsync": [], "merge": [], "floor": [], "peak": [], "copy_cpu": [],
-            "merge_cpu": [], "read+write": [], "read+write_cpu": []}
+    rows = {"copy": [], "copy+fsync": [], "copy_cpu": [], "read+write": [], "read+write_cpu": []}
+    for mode in modes:
+        for key in ("merge", "merge_cpu", "floor", "peak"):
+            rows[f"{key}:{mode}"] = []
     for k in range(args.repeat):
         out = args.dir / "copy-out"
         shutil.rmtree(out, ignore_errors=True)
@@ -263,71 +316,66 @@ def main(argv=None):
         shutil.rmtree(out)
         rows["read+write"].append(seconds)
         rows["read+write_cpu"].append(cpu)
-        out = args.dir / "merge-out"
-        shutil.rmtree(out, ignore_errors=True)
-        seconds, floor, peak, _, cpu = _merge(base, adapter, out)
-        shutil.rmtree(out)
-        rows["merge"].append(seconds)
-        rows["merge_cpu"].append(cpu)
-        rows["floor"].append(floor)
-        rows["peak"].append(peak)
-        buffered = ""
-        if args.buffered:
+        line = (f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s, CPU "
+                f"{rows['copy_cpu'][-1]:.2f} s), read+write {rows['read+write'][-1]:.2f} s")
+        # A different mode first in each run: none always follows the copies.
+        for mode in modes[k % len(modes):] + modes[:k % len(modes)]:
+            out = args.dir / "merge-out"
             shutil.rmtree(out, ignore_errors=True)
-            b_seconds, _, b_peak, _, b_cpu = _merge(base, adapter, out, "buffered")
+            seconds, floor, peak, _, cpu = _merge(base, adapter, out, mode)
             shutil.rmtree(out)
-            rows.setdefault("merge_buffered", []).append(b_seconds)
-            rows.setdefault("merge_buffered_cpu", []).append(b_cpu)
-            rows.setdefault("peak_buffered", []).append(b_peak)
-            buffered = f", buffered merge {b_seconds:.2f} s (CPU {b_cpu:.2f} s)"
-        print(f"  run {k + 1}: copy {copied:.2f} s (+fsync {synced:.2f} s, CPU "
-              f"{rows['copy_cpu'][-1]:.2f} s), read+write {rows['read+write'][-1]:.2f} s, merge {seconds:.2f} s (CPU {cpu:.2f} s), "
-              f"peak RSS {peak / 2**20:.0f} MiB (after import {floor / 2**20:.0f} MiB){buffered}, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+            rows[f"merge:{mode}"].append(seconds)
+            rows[f"merge_cpu:{mode}"].append(cpu)
+            rows[f"floor:{mode}"].append(floor)
+            rows[f"peak:{mode}"].append(peak)
+            line += (f", {mode} {seconds:.2f} s (CPU {cpu:.2f} s, peak RSS +"
+                     f"{(peak - floor) / 2**20:.0f} MiB)")
+        print(line + f", load {os.getloadavg()[0]:.1f}", flush=True)
     med = {key: statistics.median(values) for key, values in rows.items()}
     best = {key: min(values) for key, values in rows.items()}
     largest_f32 = 4 * INTERMEDIATE * HIDDEN
     report = {
-        "base_bytes": total, "all_files_bytes": every, "shards": len(shards),
-        "largest_shard_bytes": largest_shard, "dtype": args.dtype, "rank": RANK,
-        "copy_s": med["copy"], "copy_fsync_s": med["copy+fsync"], "merge_s": med["merge"],
+        "base_bytes": total, "all_files_bytes": every, "adapted_bytes": adapted,
+        "adapted_fraction": adapted / total, "targets": targets or "all",
+        "shards": len(shards), "largest_shard_bytes": largest_shard, "dtype": args.dtype,
+        "rank": RANK, "copy_s": med["copy"], "copy_fsync_s": med["copy+fsync"],
         "copy_gib_s": every / med["copy"] / 2**30,
         "copy_fsync_gib_s": every / med["copy+fsync"] / 2**30,
-        "merge_gib_s": every / med["merge"] / 2**30,
-        "merge_vs_copy": med["copy"] / med["merge"],
-        "merge_vs_copy_fsync": med["copy+fsync"] / med["merge"],
         "best_copy_s": best["copy"], "best_copy_fsync_s": best["copy+fsync"],
-        "best_merge_s": best["merge"], "best_merge_vs_copy": best["copy"] / best["merge"],
-        "best_merge_vs_copy_fsync": best["copy+fsync"] / best["merge"],
-        "copy_cpu_s": med["copy_cpu"], "merge_cpu_s": med["merge_cpu"],
+        "copy_cpu_s": med["copy_cpu"],
         "read_write_s": med["read+write"], "read_write_cpu_s": med["read+write_cpu"],
-        "merge_vs_read_write": med["read+write"] / med["merge"],
-        "best_merge_vs_read_write": best["read+write"] / best["merge"], "runs": rows,
-        "rss_after_import_bytes": med["floor"], "peak_rss_bytes": med["peak"],
-        "peak_over_import_bytes": med["peak"] - med["floor"],
-        "largest_adapted_tensor_f32_bytes": largest_f32,
+        "largest_adapted_tensor_f32_bytes": largest_f32, "modes": {}, "runs": rows,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
-    print(f"read+write copy {every / med['read+write'] / 2**30:.2f} GiB/s: merge "
-          f"{report['merge_vs_read_write']:.2f}x (best runs "
-          f"{report['best_merge_vs_read_write']:.2f}x)")
-    print(f"copy {report['copy_gib_s']:.2f} GiB/s ({report['copy_fsync_gib_s']:.2f} with fsync), "
-          f"merge {report['merge_gib_s']:.2f} GiB/s: {report['merge_vs_copy']:.2f}x a copy "
-          f"({report['merge_vs_copy_fsync']:.2f}x a synced copy; best runs "
-          f"{report['best_merge_vs_copy']:.2f}x and {report['best_merge_vs_copy_fsync']:.2f}x; "
-          f"CPU {med['merge_cpu']:.2f} s vs {med['copy_cpu']:.2f} s); peak RSS "
-          f"{med['peak'] / 2**20:.0f} MiB = {med['floor'] / 2**20:.0f} MiB after import + "
-          f"{(med['peak'] - med['floor']) / 2**20:.0f} MiB (largest shard "
-          f"{largest_shard / 2**20:.0f} MiB, largest adapted tensor in float32 "
+    print(f"copy {report['copy_gib_s']:.2f} GiB/s ({report['copy_fsync_gib_s']:.2f} with fsync; "
+          f"CPU {med['copy_cpu']:.2f} s), read+write copy "
+          f"{every / med['read+write'] / 2**30:.2f} GiB/s")
+    for mode in modes:
+        m = {
+            "merge_s": med[f"merge:{mode}"], "best_merge_s": best[f"merge:{mode}"],
+            "merge_gib_s": every / med[f"merge:{mode}"] / 2**30,
+            "merge_vs_copy": med["copy"] / med[f"merge:{mode}"],
+            "merge_vs_copy_fsync": med["copy+fsync"] / med[f"merge:{mode}"],
+            "merge_vs_read_write": med["read+write"] / med[f"merge:{mode}"],
+            "best_merge_vs_copy": best["copy"] / best[f"merge:{mode}"],
+            "best_merge_vs_copy_fsync": best["copy+fsync"] / best[f"merge:{mode}"],
+            "merge_cpu_s": med[f"merge_cpu:{mode}"],
+            "rss_after_import_bytes": med[f"floor:{mode}"],
+            "peak_rss_bytes": med[f"peak:{mode}"],
+            "peak_over_import_bytes": med[f"peak:{mode}"] - med[f"floor:{mode}"],
+        }
+        report["modes"][mode] = m
+        print(f"merge [{mode}] {m['merge_gib_s']:.2f} GiB/s: {m['merge_vs_copy']:.2f}x a copy "
+              f"({m['merge_vs_copy_fsync']:.2f}x a synced copy, "
+              f"{m['merge_vs_read_write']:.2f}x a read+write copy; best runs "
+              f"{m['best_merge_vs_copy']:.2f}x and {m['best_merge_vs_copy_fsync']:.2f}x; "
+              f"CPU {m['merge_cpu_s']:.2f} s vs {med['copy_cpu']:.2f} s); peak RSS "
+              f"{m['peak_rss_bytes'] / 2**20:.0f} MiB = {m['rss_after_import_bytes'] / 2**20:.0f} "
+              f"MiB after import + {m['peak_over_import_bytes'] / 2**20:.0f} MiB")
+    # The first mode's figures under the keys earlier reports used.
+    report.update(report["modes"][modes[0]])
+    print(f"(largest shard {largest_shard / 2**20:.0f} MiB, largest adapted tensor in float32 "
           f"{largest_f32 / 2**20:.0f} MiB)")
-    if args.buffered:
-        report["merge_buffered_s"] = med["merge_buffered"]
-        report["merge_buffered_cpu_s"] = med["merge_buffered_cpu"]
-        report["merge_buffered_vs_copy"] = med["copy"] / med["merge_buffered"]
-        report["merge_buffered_vs_copy_fsync"] = med["copy+fsync"] / med["merge_buffered"]
-        print(f"buffered merge (no O_DIRECT): {report['merge_buffered_vs_copy']:.2f}x a copy "
-              f"({report['merge_buffered_vs_copy_fsync']:.2f}x a synced copy; CPU "
-              f"{med['merge_buffered_cpu']:.2f} s)")
     report["load_average"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
