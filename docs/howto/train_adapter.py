@@ -12,7 +12,8 @@ out_features, in_features, rank = 32, 48, 4
 # A frozen base weight, and a task it does not do yet: targets made by a
 # low-rank change of W, which a rank-4 adapter can learn.
 W = rng.standard_normal((out_features, in_features), dtype=np.float32) / 7
-change = 0.3 * rng.standard_normal((out_features, 2)) @ rng.standard_normal((2, in_features))
+U, V = rng.standard_normal((out_features, 2)), rng.standard_normal((2, in_features))
+change = 0.3 * U @ V
 X_all = rng.standard_normal((512, in_features), dtype=np.float32)
 T_all = (X_all @ (W + change).T).astype(np.float32)
 
