@@ -63,7 +63,6 @@ _BIG_ENDIAN = sys.byteorder == "big"
 DIRECT_IO = True
 _ALIGN = 4096  # O_DIRECT offsets, lengths and addresses: a multiple of every logical block size
 _DIRECT_CHUNK = 8 << 20
-_DIRECT_CHUNKS = 2  # one filled while the other is written
 
 #: ``fsync`` each shard before renaming it into place (durable once
 #: :func:`merge` returns).  Off, a shard is renamed once its bytes are in the
@@ -142,12 +141,10 @@ class _Copier:
 
 
 class _DirectSink:
-    """Writes a shard's bytes, handed over in file order, through aligned chunks (O_DIRECT).
+    """Writes a shard's bytes, handed over in file order, through one aligned chunk (O_DIRECT).
 
-    Unchanged byte ranges are read from ``src`` into a chunk, merged
-    tensors copied into it; each full chunk goes to a flusher thread, which
-    writes it at its offset while the next chunk fills, so the disk is not
-    idle while a chunk is filled.  ``_DIRECT_CHUNKS`` chunks go round.  The
+    Unchanged byte ranges are read from ``src`` into the chunk, merged
+    tensors copied into it; each full chunk is written at its offset.  The
     last one is padded to the alignment and the file cut back to ``size``.
     If the file system refuses an O_DIRECT write (EINVAL), the file is
     switched to buffered writes and the same chunks are written that way.
@@ -155,19 +152,11 @@ class _DirectSink:
 
     def __init__(self, src, dst, path, size):
         self.src, self.dst, self.path, self.size = src, dst, path, size
+        self._chunk = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._chunk)
+        self._fill = 0  # bytes in the chunk
+        self._at = 0  # file offset of the chunk's first byte
         self.direct = True
-        self._maps = [mmap.mmap(-1, _DIRECT_CHUNK) for _ in range(max(1, _DIRECT_CHUNKS))]
-        self._free = queue.Queue()  # page-aligned chunks, as O_DIRECT needs
-        for chunk in self._maps:
-            self._free.put(memoryview(chunk))
-        self._full = queue.Queue()  # (chunk, bytes, file offset) for the flusher; None ends it
-        self._error = None  # the flusher's
-        self._flusher = threading.Thread(target=self._flush_all, name=f"flush {path.name}",
-                                         daemon=True)
-        self._flusher.start()
-        self._view = self._free.get()
-        self._fill = 0  # bytes in the chunk being filled
-        self._at = 0  # file offset of its first byte
 
     def copy(self, offset, count):
         if self.src is None:
@@ -192,41 +181,17 @@ class _DirectSink:
     def _advance(self, n):
         self._fill += n
         if self._fill == len(self._view):
-            self._hand_over()
+            self._flush()
 
-    def _hand_over(self):
-        """The chunk being filled to the flusher; the next free one to fill."""
-        if self._error is not None:
-            raise self._error
-        self._full.put((self._view, self._fill, self._at))
-        self._at += self._fill
-        self._fill = 0
-        self._view = self._free.get()
-        if self._error is not None:
-            raise self._error
-
-    # ---------------------------------------------------------- flusher thread
-    def _flush_all(self):
-        while True:
-            item = self._full.get()
-            if item is None:
-                return
-            chunk, n, at = item
-            if self._error is None:
-                try:
-                    self._flush(chunk, n, at)
-                except BaseException as exc:  # raised by the filling thread
-                    self._error = exc
-            self._free.put(chunk)
-
-    def _flush(self, chunk, n, at):
+    def _flush(self):
+        n = self._fill
         padded = n + (-n % _ALIGN)
-        chunk[n:padded] = bytes(padded - n)  # cut off again by sync()
+        self._view[n:padded] = bytes(padded - n)  # cut off again by sync()
         fd = self.dst.fileno()
         done = 0
         while done < padded:
             try:
-                done += os.pwrite(fd, chunk[done:padded], at + done)
+                done += os.pwrite(fd, self._view[done:padded], self._at + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self.direct:
                     raise
@@ -234,37 +199,18 @@ class _DirectSink:
 
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
-
-    def _stop(self):
-        """Let the flusher write what it has, and end it."""
-        if self._flusher.is_alive():
-            self._full.put(None)
-            self._flusher.join()
+        self._at += n
+        self._fill = 0
 
     def sync(self):
         if self._fill:
-            self._hand_over()
-        self._stop()
-        if self._error is not None:
-            raise self._error
+            self._flush()
         if self._at != self.size:
             raise LoraFormatError(f"{self.path}: wrote {self._at} bytes of {self.size}")
         os.ftruncate(self.dst.fileno(), self.size)
         os.fsync(self.dst.fileno())
-
-    def close(self):
-        """End the flusher (if still running) and free the chunks."""
-        self._stop()
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        while not self._free.empty():
-            self._free.get_nowait().release()
-        for chunk in self._maps:
-            try:
-                chunk.close()
-            except BufferError:
-                pass  # a failure's traceback still holds a view of it: unmapped when it goes
+        self._view.release()
+        self._chunk.close()
 
 
 def _write_all(dst, view):
@@ -443,8 +389,6 @@ class _ShardJob:
                 self._error = self._error or exc
             self._write_from(sink)
         finally:
-            if isinstance(sink, _DirectSink):
-                sink.close()
             if src is not None:
                 src.close()
 
