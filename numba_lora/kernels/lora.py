@@ -248,16 +248,27 @@ def _add_low_rank(Y, B, scaling, out):
     """
     m, rank = B.shape
     batch = out.shape[0]
+    # The scaling rounded once to the dtype, as BLAS takes its alpha: one
+    # that rounds to zero skips the term (never 0 * inf).
+    s = out.dtype.type(scaling)
+    if s == 0:
+        for b in range(batch):
+            for o in range(m):
+                out[b, o] = Y[b, o]
+        return
+    zero = out.dtype.type(0)
     T = np.empty((batch, rank), dtype=out.dtype)
     for b in range(batch):
         for q in range(rank):
-            T[b, q] = scaling * Y[b, m + q]
+            T[b, q] = Y[b, m + q]
     for o in range(m):
         for b in range(batch):
-            acc = Y[b, o] - Y[b, o]  # a zero of the output's type
+            acc = zero
             for q in range(rank):
                 acc += B[o, q] * T[b, q]
-            out[b, o] = Y[b, o] + acc
+            # Scaled after the sum, as BLAS applies alpha: scaling the
+            # factors first could overflow where the product does not.
+            out[b, o] = Y[b, o] + s * acc
 
 
 @njit(**JIT_OPTIONS)

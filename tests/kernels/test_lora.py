@@ -444,3 +444,28 @@ def test_exact_kernels_keep_their_rounding_inside_a_fastmath_caller(dtype):
     got = W.copy()
     _user_fastmath_merge(got, A, B, 0.37)
     ref.assert_bitwise_equal(got, expected)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_stacked_kernels_apply_the_scaling_as_blas_does(batch):
+    # The low-rank term is scaled after its sum, by the scaling rounded once
+    # to the dtype (as BLAS takes alpha): a scaling that rounds to 0 in
+    # float32 skips the term, and a huge one does not overflow t first.
+    rng = np.random.default_rng(batch)
+    W, A, B = ref.random_lora(rng, 7, 5, 3, np.float32)
+    WA = np.vstack([W, A])
+    X = rng.standard_normal((batch, 5)).astype(np.float32)
+    out = np.empty((batch, 7), np.float32)
+    B_inf = B.copy()
+    B_inf[0, 0] = np.inf
+    got = kernels.forward_batch_stacked(WA, B_inf, 5e-324, X, out)
+    assert np.isfinite(got).all()
+    ref.assert_close(got, *ref.forward(W, A, B, 0.0, X), np.float32)
+    got = kernels.forward_stacked(WA, B_inf, 5e-324, X[0], out[0])
+    assert np.isfinite(got).all()
+    ref.assert_close(got, *ref.forward(W, A, B, 0.0, X[0]), np.float32)
+    huge, tiny = 1e38, np.float32(1e-30)
+    Bt = (B * tiny).astype(np.float32)
+    got = kernels.forward_batch_stacked(WA, Bt, huge, X, out)
+    assert np.isfinite(got).all()
+    ref.assert_close(got, *ref.forward(W, A, Bt, np.float32(huge), X), np.float32)
