@@ -78,5 +78,20 @@ def _drop_type_prefix(app, what, name, obj, options, lines):
                 break
 
 
+# autodoc_type_aliases leaves "TypeAliasForwardRef('numpy.typing.ArrayLike')"
+# in signatures where an alias sits inside a union or a generic
+# (``ArrayLike | None``, ``Mapping[str, ArrayLike]``): show the alias's name.
+_ALIAS_REF = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
+
+
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+    if signature:
+        signature = _ALIAS_REF.sub(r"\1", signature)
+    if return_annotation:
+        return_annotation = _ALIAS_REF.sub(r"\1", return_annotation)
+    return signature, return_annotation
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _drop_type_prefix)
+    app.connect("autodoc-process-signature", _alias_names)
