@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -24,6 +26,9 @@ from ._validate import (as_factor, as_real_array, as_rng, check_alpha, check_fla
 from .errors import LoraConfigError, LoraShapeError, LoraStateError, LoraTypeError, \
     LoraUnsupportedError
 from .kernels import qlora as qkernels
+
+if TYPE_CHECKING:
+    from .layer import LoraLinear
 
 __all__ = ["QLoraLinear"]
 
@@ -134,7 +139,7 @@ class QLoraLinear:
         return self
 
     @classmethod
-    def from_bnb_state_dict(cls, tensors, rank: int, alpha: float, *, prefix: str = "",
+    def from_bnb_state_dict(cls, tensors: Mapping[str, ArrayLike], rank: int, alpha: float, *, prefix: str = "",
                             seed: int | np.random.Generator | None = None,
                             use_rslora: bool = False) -> QLoraLinear:
         """A layer over a ``bitsandbytes.nn.Linear4bit`` state dict, read without torch.
@@ -145,7 +150,7 @@ class QLoraLinear:
                                   seed=seed, use_rslora=use_rslora)
 
     @classmethod
-    def from_bnb_safetensors(cls, path, rank: int, alpha: float, *, prefix: str = "",
+    def from_bnb_safetensors(cls, path: str | os.PathLike[str], rank: int, alpha: float, *, prefix: str = "",
                              seed: int | np.random.Generator | None = None,
                              use_rslora: bool = False) -> QLoraLinear:
         """A layer over a ``Linear4bit`` state dict saved in a safetensors file (no torch)."""
@@ -522,7 +527,7 @@ class QLoraLinear:
         """
         raise LoraStateError("cannot unmerge: a QLoraLinear is never merged")
 
-    def to_lora_linear(self):
+    def to_lora_linear(self) -> LoraLinear:
         """A float32 :class:`~numba_lora.LoraLinear` with the dequantized base and copies of A, B.
 
         Same alpha, rank, rsLoRA and enabled state; its forward equals this

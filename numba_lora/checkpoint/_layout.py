@@ -45,7 +45,7 @@ class Shard:
     data_start: int
     tensors: tuple  # of TensorInfo, by start offset
 
-    def tensor(self, name):
+    def tensor(self, name: str) -> TensorInfo:
         for info in self.tensors:
             if info.name == name:
                 return info
@@ -64,7 +64,7 @@ class Checkpoint:
     where: dict = field(repr=False)  # tensor name -> shard name
 
     @property
-    def total_bytes(self):
+    def total_bytes(self) -> int:
         """Bytes of all shards."""
         return sum(shard.size for shard in self.shards)
 
@@ -102,7 +102,7 @@ def _read_shard(directory, name):
     return Shard(name, file.size, file.data_start, tuple(tensors))
 
 
-def read_checkpoint(base):
+def read_checkpoint(base: str | os.PathLike[str]) -> Checkpoint:
     """Read and check the layout of the checkpoint in directory ``base``.
 
     Raises

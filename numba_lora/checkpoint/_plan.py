@@ -6,7 +6,12 @@ scaling.  It is built from headers alone, pickles small, and is what a
 worker needs to write one shard (see :meth:`MergePlan.write_shard`).
 """
 
+from __future__ import annotations
+
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,12 +78,12 @@ class TensorMerge:
     combination: str = "none"
 
     @property
-    def a_key(self):
+    def a_key(self) -> str:
         """str: The lora_A key of the first (in a plain merge, the only) adapter."""
         return self.sources[0].a_key
 
     @property
-    def b_key(self):
+    def b_key(self) -> str:
         """str: The lora_B key of the first (in a plain merge, the only) adapter."""
         return self.sources[0].b_key
 
@@ -113,16 +118,16 @@ class MergePlan:
     combination: str = "none"
 
     @property
-    def adapter_file(self):
+    def adapter_file(self) -> Path:
         """pathlib.Path: The first (in a plain merge, the only) adapter's weights file."""
         return self.adapter_files[0]
 
     @property
-    def shards(self):
+    def shards(self) -> tuple[str, ...]:
         """tuple of str: The shard file names, in the index's order."""
         return tuple(shard.name for shard in self.checkpoint.shards)
 
-    def merges_in(self, shard):
+    def merges_in(self, shard: str) -> dict[str, TensorMerge]:
         """``{tensor name: TensorMerge}`` for the tensors of ``shard`` that change."""
         return {m.tensor: m for m in self.merges if m.shard == shard}
 
@@ -229,7 +234,10 @@ def _check_weighting(adapter, weights, combination):
     return adapters, checked, combination
 
 
-def plan_merge(base, adapter, *, dtype="keep", weights=None, combination=None):
+def plan_merge(base: str | os.PathLike[str],
+               adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+               dtype: str = "keep", weights: Sequence[float] | None = None,
+               combination: str | None = None) -> MergePlan:
     """Check adapters against a checkpoint and return the :class:`MergePlan`.
 
     Reads the checkpoint's index and shard headers and the adapters'
