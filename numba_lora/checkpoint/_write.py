@@ -2,17 +2,25 @@
 
 A shard is written in one pass over its base file: the header and every
 byte of a tensor that does not change are copied as they are; a tensor that
-changes is read into one buffer of its stored dtype, merged in place by a
-kernel, and written back at the same offset.  So the output has the base's
-header, byte layout and dtypes, and the memory a shard needs is its largest
-adapted tensor, in its stored dtype (bfloat16 and float16 are merged as
-bits, through float32 tiles).
+changes is merged by a kernel, in its stored dtype (bfloat16 and float16 as
+bits, through float32 tiles), at the same offset.  So the output has the
+base's header, byte layout and dtypes, and the memory a shard needs is its
+largest adapted tensor, in its stored dtype.
 
-The bytes go to the disk with ``O_DIRECT`` through one aligned chunk
-(:class:`_DirectSink`) where the file system takes it, which spares the
-CPU the page cache's copy and bookkeeping (on the benchmark, 3.6x less CPU
-than buffered writes); otherwise through the page cache (:class:`_Copier`:
-unchanged bytes by ``os.copy_file_range`` where it can).
+Three ways to the disk, same bytes (tested):
+
+- synced (:data:`SYNC`, the default) where the file system takes
+  ``O_DIRECT``: one aligned chunk (:class:`_DirectSink`) assembled from the
+  base's unchanged bytes and the merged tensors (read into a buffer, merged
+  there), written straight to the disk; no page cache, so the least CPU,
+  and the ``fsync`` before the rename has nothing left to write;
+- through the page cache (``SYNC`` off, or ``O_DIRECT`` refused): the
+  operating system copies the whole shard (``os.copy_file_range``), and
+  each adapted tensor is merged in place in a pre-faulted shared mapping of
+  its pages in the output (:data:`MAP_WRITES`), or, where the mapping cannot
+  be pre-faulted, read into a buffer, merged and written over its copy;
+- the older buffered way (``MAP_WRITES`` off): unchanged bytes copied by the
+  operating system, merged buffers written in between.
 
 All output goes to a staging directory beside ``out``, each shard to a
 temporary name renamed when complete; the staging directory becomes
@@ -81,6 +89,7 @@ SYNC = True
 MAP_WRITES = True
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
                                23 if sys.platform.startswith("linux") else None)
+_MAPPED_PIECE = 64 << 20  # bytes per copy_file_range call of a shard merged in place
 
 
 def _open_output(path):
@@ -347,8 +356,12 @@ class _ShardJob:
     to write, then syncs the file; two buffers of the shard's largest
     adapted tensor (in its stored dtype) go round between the two threads,
     so reading and merging a tensor overlaps writing the previous one, and
-    memory stays at two tensors.  :meth:`finish` waits for the writer and
-    renames the file into place; until then the shard has a temporary name.
+    memory stays at two tensors.  Through the page cache with
+    :data:`MAP_WRITES`, no buffers: the writer copies the whole shard and
+    the calling thread merges each adapted tensor in the output's pages
+    once they are copied (:meth:`_run_mapped`).  :meth:`finish` waits for
+    the writer and renames the file into place; until then the shard has a
+    temporary name.
     """
 
     def __init__(self, plan, shard, directory, progress=None):
@@ -366,6 +379,7 @@ class _ShardJob:
         self.tmp = directory / f".{shard}.{uuid.uuid4().hex}.tmp"
         self._src = self._dst = self._thread = None
         self._direct = False
+        self._mapped = False  # merges left for complete()
         self._queue = queue.Queue()
         self._free = queue.Queue()
         self._error = None
@@ -424,14 +438,28 @@ class _ShardJob:
     def run(self):
         """Read, merge and queue every piece of the shard; the writer may still be busy.
 
+        Where adapted tensors are merged in a mapping of the output
+        (:meth:`_run_mapped`), this only starts the writer's copy of the
+        shard: :meth:`complete` merges them, so that the calling thread can
+        merge the previous shard while this one is copied.
+
         The kernels get one thread fewer than Numba's count (at least one):
         the writer thread needs a core of its own, or the two take turns.
         """
+        self._threaded(self._run)
+
+    def complete(self):
+        """Merge the adapted tensors left by :meth:`run` (if any) and queue the sync."""
+        if self._mapped:
+            self._mapped = False
+            self._threaded(self._merge_mapped)
+
+    def _threaded(self, action):
         previous = numba.get_num_threads()
         self._threads = max(1, previous - 1)
         numba.set_num_threads(self._threads)  # this thread's count only
         try:
-            self._run()
+            action()
         finally:
             numba.set_num_threads(previous)
 
@@ -452,6 +480,7 @@ class _ShardJob:
         self._thread.start()
         if mapped:
             self._run_mapped()
+            self._mapped = True
             return
         self._queue.put(("copy", 0, layout.data_start))
         self.report(layout.data_start)
@@ -474,38 +503,41 @@ class _ShardJob:
         self._queue.put(None)
 
     def _run_mapped(self):
-        """Queue the whole shard's copy; merge each adapted tensor in the output once copied.
+        """Queue the copy of the whole shard; :meth:`_merge_mapped` merges in the output.
 
-        The writer copies the shard in file order (in the kernel where it
-        can) while this thread follows it: as soon as an adapted tensor's
-        bytes are in the output, they are mapped, pre-faulted, merged in
-        place and unmapped, so memory stays at one tensor's pages.  The
-        writer syncs after the last merge.
+        The writer copies the shard (in the kernel where it can), in pieces
+        so that an abort is heard between them.  The merges wait for the
+        whole copy: mapping pages of the file while the writer is still
+        writing it cost 40% more system time here (three times the page
+        faults), more than the overlap won; the calling thread merges the
+        previous shard meanwhile (:func:`run_shards`).
+        """
+        size = self.layout.size
+        for offset in range(0, size, _MAPPED_PIECE):
+            self._queue.put(("copy", offset, min(_MAPPED_PIECE, size - offset)))
+        self._copied = threading.Event()
+        self._queue.put(("signal", self._copied, None))
+
+    def _merge_mapped(self):
+        """Once the shard is copied, merge each adapted tensor in place in its pages.
+
+        Each tensor's pages are mapped, pre-faulted, merged in place and
+        unmapped, so memory stays at one tensor's pages.  The writer syncs
+        after the last merge.
         """
         layout = self.layout
-        size = layout.size
-        # Every copy goes in first: the writer runs ahead of the merges.
-        waits = []
-        position = 0  # file offset queued so far
-        for info in layout.tensors:
-            if info.name not in self.merges:
-                continue
-            stop = layout.data_start + info.stop
-            self._queue.put(("copy", position, stop - position))
-            done = threading.Event()
-            self._queue.put(("signal", done, None))
-            waits.append((info, done))
-            position = stop
-        self._queue.put(("copy", position, size - position))
+        self._copied.wait()
+        self._check()
         reported = 0
-        for info, done in waits:
-            done.wait()
-            self._check()
+        for info in layout.tensors:
+            merge = self.merges.get(info.name)
+            if merge is None:
+                continue
             self.report(layout.data_start + info.start - reported)
-            self._merge_in_place(info, self.merges[info.name])
+            self._merge_in_place(info, merge)
             self.report(info.stop - info.start)
             reported = layout.data_start + info.stop
-        self.report(size - reported)
+        self.report(layout.size - reported)
         self._queue.put(("sync", None, None))
         self._queue.put(None)
 
@@ -616,9 +648,11 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None):
             alive.append(_ShardJob(plan, shard, directory, progress))
             alive[-1].run()
             if len(alive) == 2:
+                alive[0].complete()  # merges in place while this shard is copied
                 written += alive[0].finish()
                 alive.pop(0)
         while alive:
+            alive[0].complete()
             written += alive[0].finish()
             alive.pop(0)
     except BaseException:

@@ -5,18 +5,22 @@
 Writes a synthetic Llama-shaped checkpoint (hidden 2048, intermediate 5632,
 vocabulary 32000, GQA with 512-wide k/v, as many layers as make ``--gib``)
 in shards of ``--shard-mib``, and a rank-16 PEFT adapter on all seven
-projections, into ``--dir`` (kept between runs: delete it yourself).  Then,
-with the base's files in the page cache (read once beforehand), it times,
-``--repeat`` times, interleaved:
+projections (80% of a 1.2 GiB checkpoint's bytes), or on those ``--targets``
+names (PEFT's default for Llama, ``q_proj,v_proj``: 9%), into ``--dir``
+(kept between runs: delete it yourself).  Then, with the base's files in
+the page cache (read once beforehand), it times, ``--repeat`` times,
+interleaved:
 
 - ``copy``: ``shutil.copyfile`` of every file into a new directory (the
   kernel copies: ``copy_file_range``/``sendfile``), then ``os.fsync`` of
   each, since the merge syncs its shards before renaming them;
 - ``read+write``: the same files copied by reading and writing them through
   an 8 MiB buffer, as the merge moves its adapted tensors;
-- ``merge``: :func:`numba_lora.checkpoint.merge` (O_DIRECT writes where the
-  file system takes them; with ``--buffered``, also through the page cache,
-  interleaved) in a fresh process, which
+- ``merge``: :func:`numba_lora.checkpoint.merge`, once per ``--modes`` entry
+  (the ways of writing in :data:`MODES`: ``default`` is what ``merge``
+  does; ``direct``, ``mapped``, ``buffered`` and their ``-nosync``
+  variants set ``numba_lora.checkpoint._write``'s switches), each run
+  starting with another mode, in a fresh process, which
   records its resident memory after importing numba_lora and loading the
   kernels, resets the peak (``/proc/self/clear_refs``; where that is not
   allowed, the peak stays the process's ``ru_maxrss``), and reads the peak
