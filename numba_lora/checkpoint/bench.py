@@ -236,7 +236,10 @@ print(floor, peak, r.seconds, r.bytes, spent)
 
 def _merge(base, adapter, out, how="default"):
     result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out), how],
-                            check=True, capture_output=True, text=True)
+                            capture_output=True, text=True)
+    if result.returncode:
+        sys.stderr.write(result.stderr)
+        result.check_returncode()
     floor_kib, peak_kib, seconds, nbytes, cpu = result.stdout.split()
     return float(seconds), int(floor_kib) * 1024, int(peak_kib) * 1024, int(nbytes), float(cpu)
 
