@@ -227,3 +227,28 @@ def test_a_failed_direct_write_stops_the_merge(tmp_path, case, monkeypatch, at):
     import threading
 
     assert not [t for t in threading.enumerate() if t.name.startswith("write ")]
+
+
+@pytest.mark.parametrize("way", ["mapped", "mapped, not synced", "buffered"])
+def test_peft_fixtures_through_the_page_cache(tmp_path, monkeypatch, way):
+    # The PEFT-made checkpoints (rank/alpha patterns, rsLoRA, fan_in_fan_out,
+    # bf16 and f16; a weighted "cat" on bf16, merged as PEFT does through
+    # rounded factors) give the default way's bytes, which the PEFT tests check.
+    from .helpers import FIXTURES
+
+    weighted = FIXTURES.parent / "peft_weighted"
+    cases = [(FIXTURES / f"{model}_{tag}", FIXTURES / f"{model}_adapter", {})
+             for model, tag in [("llama", "bf16"), ("llama", "f16"), ("gpt2", "f32")]]
+    cases.append((FIXTURES / "llama_bf16",
+                  [FIXTURES / "llama_adapter", weighted / "adapter_c"],
+                  {"weights": [0.7, -1.5], "combination": "cat"}))
+    monkeypatch.setattr(_write, "MAP_WRITES", False)  # O_DIRECT, or buffers: never mapped
+    references = [checkpoint.merge(base, adapter, tmp_path / f"ref{k}", **kw)
+                  for k, (base, adapter, kw) in enumerate(cases)]
+    _set(monkeypatch, way)
+    for k, (base, adapter, kw) in enumerate(cases):
+        result = checkpoint.merge(base, adapter, tmp_path / f"out{k}", **kw)
+        assert result.shards == references[k].shards
+        for shard in result.shards:
+            assert (result.out / shard).read_bytes() == \
+                (references[k].out / shard).read_bytes(), (k, shard)
