@@ -501,14 +501,37 @@ def test_count_nonfinite_remerged_names_the_pair():
         kernels.count_nonfinite_remerged(W, A[:, :2].copy(), B, A, B, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels: out aliasing an input is not checked "
-                   "(documented in kernels/__init__.py: 'the result would be wrong'); the owner "
-                   "may prefer a LoraShapeError, as the layers give")
-def test_kernels_refuse_out_aliasing_an_input():
+# Was a strict xfail: out aliasing an input was not checked (documented: "the result would be
+# wrong"); the guard now compares the byte ranges of every written array with the others.
+@pytest.mark.parametrize("how", ["out is x", "out overlaps x", "W overlaps A (merge)",
+                                 "X[1] is out (batch)"])
+def test_kernels_refuse_out_aliasing_an_input(how):
     W, A, B = _lora(o=4, i=4)
     x = np.ones(4)
-    with pytest.raises(LoraError, match="out"):
-        kernels.forward(W, A, B, 1.0, x, x)
+    before = [a.copy() for a in (W, A, B, x)]
+    with pytest.raises(LoraError, match="must not overlap"):
+        if how == "out is x":
+            kernels.forward(W, A, B, 1.0, x, x)
+        elif how == "out overlaps x":
+            buf = np.arange(7.0)
+            kernels.forward(W, A, B, 1.0, buf[:4], buf[3:])
+        elif how == "W overlaps A (merge)":
+            WA = np.vstack([W, A])
+            kernels.merge(WA[:4], WA[3:4], B, 1.0)
+        else:
+            X = np.ones((2, 4))
+            kernels.forward_batch(W, A, B, 1.0, X, X)
+    for a, b in zip((W, A, B, x), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kernels_take_disjoint_views_of_one_buffer():
+    W, A, B = _lora(o=4, i=4)
+    buf = np.arange(8.0)
+    out = kernels.forward(W, A, B, 1.0, buf[:4], buf[4:])
+    np.testing.assert_allclose(out, W @ buf[:4] + B @ (A @ buf[:4]))
+    WA = np.vstack([W, A])  # as LoraLinear stores them: W and A adjacent, not overlapping
+    kernels.merge(WA[:4], WA[4:], B, 1.0)
 
 
 def test_out_overlapping_a_strided_input_is_refused():

@@ -29,11 +29,11 @@ Contract shared by all kernels
     naming the kernel and the argument (from Python and from your own
     ``@njit`` code alike);
   - shapes, contiguity and index ranges when it runs:
-    :class:`~numba_lora.LoraShapeError` / :class:`~numba_lora.LoraKeyError`.
+    :class:`~numba_lora.LoraShapeError` / :class:`~numba_lora.LoraKeyError`;
+  - that no array a kernel writes overlaps another of its array arguments
+    (the byte ranges they span), when it runs: :class:`~numba_lora.LoraShapeError`.
 
-  Values are not checked (NaN in, NaN out), nor aliasing between inputs and
-  outputs (``out`` must not overlap any input: the result would be wrong,
-  though never out of bounds).
+  Values are not checked (NaN in, NaN out).
 - The low-rank term is skipped when ``scaling == 0``, so ``scaling=0`` gives
   the plain dense product ``W @ x``.
 

@@ -21,7 +21,7 @@ import inspect
 import numpy as np
 from llvmlite import ir
 from numba import typeof, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from ..errors import LoraDtypeError, LoraError, LoraShapeError, LoraTypeError
 
@@ -112,7 +112,64 @@ def _named(function, name):
     return function
 
 
-def guarded(kernel, params, impl):
+@register_jitable
+def _extent(a):
+    """(first byte, one past the last byte) of array ``a``; (0, 0) when empty."""
+    if a.size == 0:
+        return 0, 0
+    lo = hi = a.ctypes.data
+    for d in range(a.ndim):
+        step = (a.shape[d] - 1) * a.strides[d]
+        if step < 0:
+            lo += step
+        else:
+            hi += step
+    return lo, hi + a.itemsize
+
+
+@register_jitable
+def _same(a, b):
+    """Whether ``a`` and ``b`` view the very same elements (pointer, shape, strides)."""
+    return a.ctypes.data == b.ctypes.data and a.shape == b.shape and a.strides == b.strides
+
+
+@register_jitable
+def _overlap(a, b):
+    a0, a1 = _extent(a)
+    b0, b1 = _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _overlap_checked_call(kernel, names, kinds, impl, in_place=()):
+    """``impl`` behind a run-time check that no written array overlaps another array.
+
+    A kernel reads its inputs while it writes its outputs, so an output
+    sharing memory with any other array argument would give a wrong result
+    (never an access out of bounds).  The check compares the byte ranges the
+    arrays span, so two strided views that interleave in one buffer without
+    sharing an element count as overlapping too.
+    """
+    arrays = [i for i, k in enumerate(kinds) if KINDS[k][0] == "array"]
+    written = [i for i in arrays if KINDS[kinds[i]][3]]
+    pairs = [(w, i) for w in written for i in arrays if i != w and not (i in written and i < w)]
+    args = ", ".join(f"a{i}" for i in range(len(names)))
+    lines = ["def call(*args):", f"    {args}, = args"]
+    for w, i in pairs:
+        message = f"kernels.{kernel}: {names[w]} must not overlap {names[i]}"
+        if (names[w], names[i]) in in_place:
+            message += f" (it may be {names[i]} itself)"
+            lines.append(f"    if _overlap(a{w}, a{i}) and not _same(a{w}, a{i}):")
+        else:
+            lines.append(f"    if _overlap(a{w}, a{i}):")
+        lines.append(f"        raise LoraShapeError({message!r})")
+    lines.append(f"    return impl({args})")
+    namespace = {"impl": impl, "_overlap": _overlap, "_same": _same,
+                 "LoraShapeError": LoraShapeError}
+    exec("\n".join(lines), namespace)  # noqa: S102 - source built from the kernel's own names
+    return namespace["call"]
+
+
+def guarded(kernel, params, impl, in_place=()):
     """A function that calls ``impl`` when the argument types fit ``params``, else raises.
 
     Parameters
@@ -123,6 +180,11 @@ def guarded(kernel, params, impl):
         (argument name, kind from :data:`KINDS`) for each argument, in order.
     impl : numba dispatcher
         The kernel's body, only ever compiled for fitting types.
+    in_place : sequence of (str, str), optional
+        (output, input) pairs that may be the very same array (an
+        elementwise kernel run in place); any other overlap between an
+        array the kernel writes and another array argument is refused when
+        it runs.
 
     Returns
     -------
@@ -131,6 +193,8 @@ def guarded(kernel, params, impl):
     """
     names = tuple(name for name, _ in params)
     kinds = tuple(kind for _, kind in params)
+    call = _named(_overlap_checked_call(kernel, names, kinds, impl, tuple(in_place)),
+                  f"_guarded_{kernel}_call")
 
     def checked(*args):  # only reachable when compiled
         raise LoraTypeError(f"kernels.{kernel}'s guard is for @njit code")
@@ -141,9 +205,7 @@ def guarded(kernel, params, impl):
             return None
         found = _problem(kernel, names, kinds, args)
         if found is None:
-            def call(*args):
-                return impl(*args)
-            return _named(call, f"_guarded_{kernel}_call")
+            return call
         exc, message = found
 
         def refuse(*args):

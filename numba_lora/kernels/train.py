@@ -204,7 +204,7 @@ def _apply_dropout(X, mask, keep_scale, out):
 
 _apply_dropout_checked = guarded(
     "apply_dropout", (("X", "f2"), ("mask", "b2"), ("keep_scale", "real"), ("out", "f2w")),
-    _apply_dropout)
+    _apply_dropout, in_place=(("out", "X"),))
 
 
 @njit(**EXACT_OPTIONS)
@@ -413,7 +413,7 @@ def backward(W, A, B, scaling, XL, H, dY, dX, dA, dB, beta):
     -----
     Cost: the one dense product ``dY @ W`` plus products of width ``rank``.
     To skip ``dX`` (the first adapted layer of a network), use
-    :func:`backward_factors`.  Outputs must not overlap inputs.
+    :func:`backward_factors`.  Outputs must not overlap inputs (refused: LoraShapeError).
 
     See Also
     --------

@@ -529,3 +529,15 @@ def test_optimizer_kernels_refuse_bad_arrays(rng):
     with pytest.raises(LoraConfigError, match="nesterov"):
         K.sgd_step(p, np.ones((2, 3)), m, 0.1, 0.0, 0.0, 0.0, 1, 1)
     _unchanged([p, m, v], before)
+
+
+def test_apply_dropout_refuses_a_partial_overlap(rng):
+    # In place (out is X) is allowed; an out shifted against X is not.
+    from numba_lora import LoraShapeError
+
+    buf = rng.standard_normal(13)
+    X, out = buf[:12].reshape(3, 4), buf[1:13].reshape(3, 4)
+    before = buf.copy()
+    with pytest.raises(LoraShapeError, match="out must not overlap X .it may be X itself"):
+        K.apply_dropout(X, np.ones((3, 4), bool), 2.0, out)
+    np.testing.assert_array_equal(buf, before)
