@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._validate import check_flag
 from ..errors import LoraTypeError
 from ._layout import Checkpoint, Shard, TensorInfo, read_checkpoint
 from ._plan import COMBINATIONS, DTYPES, FactorSource, MergePlan, TensorMerge, plan_merge
@@ -125,7 +126,7 @@ def merge(base: str | os.PathLike[str],
           adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
           out: str | os.PathLike[str], *, dtype: str = "keep",
           weights: Sequence[float] | None = None, combination: str | None = None,
-          progress: bool | None = None) -> MergeResult:
+          progress: bool | None = None, sync: bool = True) -> MergeResult:
     """Write ``base`` with ``adapter`` merged into it to the new directory ``out``.
 
     Parameters
@@ -172,6 +173,17 @@ def merge(base: str | os.PathLike[str],
     progress : bool or None
         A tqdm progress bar over bytes on stderr; ``None`` (default): only
         when stderr is a terminal and tqdm is installed.
+    sync : bool
+        ``True`` (default): every shard is on disk before it is renamed
+        into place (written with ``O_DIRECT`` where the file system allows,
+        then ``fsync``), so the merged checkpoint is durable when this
+        returns.  ``False``: shards are renamed once their bytes are in the
+        page cache, as a plain copy (``shutil.copyfile``) or
+        ``save_pretrained`` leaves its files, and the operating system
+        writes them out later: faster where the disk is the bound (see
+        :doc:`/checkpoint`, "Throughput").  A failure or an interruption
+        still leaves nothing half-written either way; only a power loss
+        soon after an unsynced merge can.
 
     Returns
     -------
@@ -206,12 +218,13 @@ def merge(base: str | os.PathLike[str],
     """
     start = time.perf_counter()
     _Bar.check(progress)
+    sync = check_flag(sync, "sync")
     plan = plan_merge(base, adapter, dtype=dtype, weights=weights, combination=combination)
     output = Output(plan, out)
     bar = _Bar(progress, plan.checkpoint.total_bytes)
     try:
         written = run_shards(plan, plan.shards, output.staging, progress=bar.update,
-                             on_shard=bar.shard)
+                             on_shard=bar.shard, sync=sync)
         output.commit()
     except BaseException:
         output.abort()

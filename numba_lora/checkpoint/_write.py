@@ -92,10 +92,10 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
 _MAPPED_PIECE = 64 << 20  # bytes per copy_file_range call of a shard merged in place
 
 
-def _open_output(path):
+def _open_output(path, sync=True):
     """(unbuffered binary file, True if O_DIRECT) for a new shard file at ``path``."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    direct = DIRECT_IO and SYNC and hasattr(os, "O_DIRECT")
+    direct = DIRECT_IO and sync and hasattr(os, "O_DIRECT")
     fd = None
     if direct:
         try:
@@ -112,8 +112,8 @@ def _open_output(path):
 class _Copier:
     """Copies byte ranges of ``src`` to ``dst``'s position: in the kernel where it can."""
 
-    def __init__(self, src, dst, path):
-        self.src, self.dst, self.path = src, dst, path
+    def __init__(self, src, dst, path, sync=True):
+        self.src, self.dst, self.path, self.synced = src, dst, path, sync
         self.in_kernel = hasattr(os, "copy_file_range")
         self._buffer = None
 
@@ -145,7 +145,7 @@ class _Copier:
         _write_all(self.dst, view)
 
     def sync(self):
-        if SYNC:
+        if self.synced:
             os.fsync(self.dst.fileno())
 
 
@@ -364,8 +364,9 @@ class _ShardJob:
     temporary name.
     """
 
-    def __init__(self, plan, shard, directory, progress=None):
+    def __init__(self, plan, shard, directory, progress=None, sync=None):
         directory = as_path(directory, "directory")
+        self.sync = SYNC if sync is None else bool(sync)
         layout = next((s for s in plan.checkpoint.shards if s.name == shard), None)
         if layout is None:
             raise LoraConfigError(f"{shard!r} is not a shard of {plan.checkpoint.directory}")
@@ -398,7 +399,7 @@ class _ShardJob:
         try:
             try:
                 sink = (_DirectSink(src, self._dst, self.path, self.layout.size) if self._direct
-                        else _Copier(src, self._dst, self.path))
+                        else _Copier(src, self._dst, self.path, self.sync))
             except BaseException as exc:  # as above: the loop below only hands things back
                 self._error = self._error or exc
             self._write_from(sink)
@@ -466,7 +467,7 @@ class _ShardJob:
     def _run(self):
         layout = self.layout
         self._src = open(self.path, "rb", buffering=0)
-        self._dst, self._direct = _open_output(self.tmp)
+        self._dst, self._direct = _open_output(self.tmp, self.sync)
         if os.fstat(self._src.fileno()).st_size != layout.size:
             raise LoraFormatError(f"{self.path} changed size since the merge was checked")
         mapped = (MAP_WRITES and not self._direct and bool(self.merges)
@@ -633,7 +634,7 @@ def _nbytes(info):
     return (info.stop - info.start)
 
 
-def run_shards(plan, shards, directory, progress=None, on_shard=None):
+def run_shards(plan, shards, directory, progress=None, on_shard=None, sync=None):
     """Write ``shards`` one after another, each one's sync overlapping the next one's work.
 
     Returns the bytes written.  On any failure every shard not yet renamed
@@ -645,7 +646,7 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None):
         for shard in shards:
             if on_shard is not None:
                 on_shard(shard)
-            alive.append(_ShardJob(plan, shard, directory, progress))
+            alive.append(_ShardJob(plan, shard, directory, progress, sync))
             alive[-1].run()
             if len(alive) == 2:
                 alive[0].complete()  # merges in place while this shard is copied
@@ -662,7 +663,7 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None):
     return written
 
 
-def write_shard(plan, shard, directory, progress=None):
+def write_shard(plan, shard, directory, progress=None, sync=None):
     """Write the merged ``shard`` of ``plan`` into ``directory``; return its bytes.
 
     The shard is written to a temporary name in ``directory`` and renamed
@@ -679,13 +680,15 @@ def write_shard(plan, shard, directory, progress=None):
         Where the shard goes (the staging directory of a merge).
     progress : callable, optional
         Called with the number of bytes of each piece as it is queued.
+    sync : bool, optional
+        ``fsync`` the shard before its rename (default: :data:`SYNC`, on).
 
     Returns
     -------
     int
         Bytes written (the shard's size).
     """
-    return run_shards(plan, [shard], directory, progress)
+    return run_shards(plan, [shard], directory, progress, sync=sync)
 
 
 class Output:

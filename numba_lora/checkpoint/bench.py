@@ -227,7 +227,7 @@ def rss(field):
                 return int(line.split()[1])
 floor = rss("VmRSS:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before = cpu()
-r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, sync=_write.SYNC)
 spent = cpu() - before
 peak = rss("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(floor, peak, r.seconds, r.bytes, spent)

@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Numba and BLAS threads for the merge kernels (default: Numba's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar on stderr (needs tqdm; default: on a terminal)")
+    p.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
+                   help="each shard on disk before it is renamed into place (default); "
+                        "--no-sync leaves it in the page cache, as a plain copy does")
     return p
 
 
@@ -133,7 +136,7 @@ def execute(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     adapter = args.adapter if weighted else args.adapter[0]
     try:
         result = merge(args.base, adapter, args.out, dtype=args.dtype, weights=args.weights,
-                       combination=args.combination, progress=args.progress)
+                       combination=args.combination, progress=args.progress, sync=args.sync)
     except (LoraError, OSError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -128,3 +128,11 @@ def test_weights_are_usage_errors(tmp_path, capsys, weights, match):
 def test_weights_before_the_directories_say_how_to_separate(tmp_path, capsys):
     err = _usage_error(["merge", "--weights", "1", "a", "b", "c"], capsys)
     assert "expected a number, got 'a' (give --weights after the directories" in err
+
+
+def test_merge_command_no_sync(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["merge", str(FIXTURES / "llama_bf16"), str(FIXTURES / "llama_adapter"), str(out),
+                 "--no-progress", "--no-sync"])
+    assert code == 0
+    assert checkpoint_tensors(out) == raw_tensors(FIXTURES / "llama_bf16_merged.safetensors")

@@ -80,6 +80,11 @@ def _set(monkeypatch, way):
     monkeypatch.setattr(_write, "SYNC", sync)
 
 
+def _merge(base, adapter, out, **kw):
+    """checkpoint.merge with the way _set chose (merge's sync= decides per call)."""
+    return checkpoint.merge(base, adapter, out, sync=_write.SYNC, **kw)
+
+
 def _check(result, base, expected):
     got = checkpoint_tensors(result.out)
     assert {name: data for name, (_, _, data) in got.items()} == expected
@@ -99,7 +104,7 @@ def _leftovers(directory):
 def test_every_way_writes_the_reference_bytes(tmp_path, case, monkeypatch, way):
     base, adapter, expected = case
     _set(monkeypatch, way)
-    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out")
     _check(result, base, expected)
     assert _leftovers(tmp_path) == []
 
@@ -119,7 +124,7 @@ def test_sync_off_leaves_the_shards_unsynced(tmp_path, case, monkeypatch, sync):
         real_fsync(fd)
 
     monkeypatch.setattr(_write.os, "fsync", fsync)
-    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out")
     _check(result, base, expected)
     files = [d for d in synced if d is False]
     if os.path.isdir("/proc/self/fd"):
@@ -143,7 +148,7 @@ def test_a_kernel_without_populate_write_gets_written_bytes(tmp_path, case, monk
             raise AssertionError("read through a mapping that was not pre-faulted")
 
     monkeypatch.setattr(_write.mmap, "mmap", Refusing)
-    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out")
     _check(result, base, expected)
 
 
@@ -159,7 +164,7 @@ def test_a_page_that_cannot_be_made_writable_is_an_error(tmp_path, case, monkeyp
 
     monkeypatch.setattr(_write.mmap, "mmap", Failing)
     with pytest.raises(OSError, match="Bad address"):
-        checkpoint.merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -176,7 +181,7 @@ def test_without_copy_file_range(tmp_path, case, monkeypatch, way):
 
     monkeypatch.setattr(_write.os, "copy_file_range", refusing, raising=False)
     monkeypatch.setattr(_write, "_CHUNK", 1000)
-    result = checkpoint.merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out")
     _check(result, base, expected)
 
 
@@ -200,7 +205,7 @@ def test_a_failure_on_the_mapped_way_leaves_nothing(tmp_path, case, monkeypatch,
 
         monkeypatch.setattr(_write._Copier, "copy", copy)
     with pytest.raises((RuntimeError, OSError), match="boom|No space"):
-        checkpoint.merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -222,7 +227,7 @@ def test_a_failed_direct_write_stops_the_merge(tmp_path, case, monkeypatch, at):
 
     monkeypatch.setattr(_write.os, "pwrite", pwrite)
     with pytest.raises(OSError, match="Input/output error"):
-        checkpoint.merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
     import threading
 
@@ -243,12 +248,40 @@ def test_peft_fixtures_through_the_page_cache(tmp_path, monkeypatch, way):
                   [FIXTURES / "llama_adapter", weighted / "adapter_c"],
                   {"weights": [0.7, -1.5], "combination": "cat"}))
     monkeypatch.setattr(_write, "MAP_WRITES", False)  # O_DIRECT, or buffers: never mapped
-    references = [checkpoint.merge(base, adapter, tmp_path / f"ref{k}", **kw)
+    references = [_merge(base, adapter, tmp_path / f"ref{k}", **kw)
                   for k, (base, adapter, kw) in enumerate(cases)]
     _set(monkeypatch, way)
     for k, (base, adapter, kw) in enumerate(cases):
-        result = checkpoint.merge(base, adapter, tmp_path / f"out{k}", **kw)
+        result = _merge(base, adapter, tmp_path / f"out{k}", **kw)
         assert result.shards == references[k].shards
         for shard in result.shards:
             assert (result.out / shard).read_bytes() == \
                 (references[k].out / shard).read_bytes(), (k, shard)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_merge_sync_argument(tmp_path, case, monkeypatch, sync):
+    # merge(sync=...) decides per call, whatever the module default says.
+    base, adapter, expected = case
+    monkeypatch.setattr(_write, "SYNC", not sync)
+    files = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        files.append(not os.path.isdir(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(_write.os, "fsync", fsync)
+    result = checkpoint.merge(base, adapter, tmp_path / "out", sync=sync)
+    _check(result, base, expected)
+    if os.path.isdir("/proc/self/fd"):
+        assert sum(files) == (len(result.shards) if sync else 0)
+
+
+def test_merge_sync_must_be_a_bool(tmp_path, case):
+    from numba_lora import LoraTypeError
+
+    base, adapter, _ = case
+    with pytest.raises(LoraTypeError, match="sync"):
+        checkpoint.merge(base, adapter, tmp_path / "out", sync="no")
+    assert not (tmp_path / "out").exists()
