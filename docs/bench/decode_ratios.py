@@ -1,11 +1,12 @@
-"""Decoding ratios: one vector through numba_lora against the dense gemv on the same W.
+"""Decoding ratios: 1 to 8 rows through numba_lora against the dense product on the same W.
 
 Cycles over several distinct 4096 x 4096 float32 layers (so W is read from
 memory every call, as in a model), shuffles the order of the cases in each
-round, and prints the median of each case over the dense gemv's median, one
-line per run::
+round, and prints the median of each case over the dense product's median
+(``W @ x`` for one row, ``X @ W.T`` for more), one line per run and row
+count::
 
-    python docs/bench/decode_ratios.py [--runs 5] [--layers 4] [--rounds 60]
+    python docs/bench/decode_ratios.py [--runs 5] [--rows 1 2 4 8] [--layers 4] [--rounds 60]
 """
 
 import argparse
@@ -17,7 +18,7 @@ import numpy as np
 from numba_lora import LoraLinear, kernels
 
 
-def run(m, n, rank, layers, rounds, seed):
+def _layers(m, n, rank, layers):
     rng = np.random.default_rng(0)
     stack = []
     for _ in range(layers):
@@ -25,14 +26,35 @@ def run(m, n, rank, layers, rounds, seed):
         layer = LoraLinear(W, rank, 2.0 * rank, seed=rng)
         layer.lora_b = rng.standard_normal((m, rank)) * 0.01
         stack.append(layer)
-    x = rng.standard_normal(n).astype(np.float32)
-    out = np.empty(m, np.float32)
-    cases = {
-        "dense W@x": lambda L: np.matmul(L.weight, x, out=out),
-        "kernels.forward": lambda L: kernels.forward(L.weight, L.lora_a, L.lora_b,
-                                                     L.scaling, x, out),
-        "LoraLinear.forward": lambda L: L.forward(x, out=out),
+    return stack
+
+
+def _cases(rows, n, m):
+    rng = np.random.default_rng(1)
+    if rows == 1:
+        x = rng.standard_normal(n).astype(np.float32)
+        out = np.empty(m, np.float32)
+        return {
+            "dense": lambda L: np.matmul(L.weight, x, out=out),
+            "kernels.forward": lambda L: kernels.forward(L.weight, L.lora_a, L.lora_b,
+                                                         L.scaling, x, out),
+            "kernels.forward_stacked": lambda L: kernels.forward_stacked(
+                L._WA, L.lora_b, L.scaling, x, out),
+            "LoraLinear.forward": lambda L: L.forward(x, out=out),
+        }
+    X = rng.standard_normal((rows, n)).astype(np.float32)
+    out = np.empty((rows, m), np.float32)
+    return {
+        "dense": lambda L: np.matmul(X, L.weight.T, out=out),
+        "kernels.forward_batch": lambda L: kernels.forward_batch(L.weight, L.lora_a, L.lora_b,
+                                                                 L.scaling, X, out),
+        "LoraLinear.forward_batch": lambda L: L.forward_batch(X, out=out),
     }
+
+
+def run(stack, rows, rounds, seed):
+    m, n = stack[0].weight.shape
+    cases = _cases(rows, n, m)
     for call in cases.values():
         for layer in stack:
             call(layer)
@@ -46,23 +68,26 @@ def run(m, n, rank, layers, rounds, seed):
                 t = time.perf_counter()
                 cases[k](layer)
                 times[k].append(time.perf_counter() - t)
-    dense = np.median(times["dense W@x"])
-    return dense, {k: np.median(v) / dense for k, v in times.items()}
+    dense = np.median(times["dense"])
+    return dense, {k: np.median(v) / dense for k, v in times.items() if k != "dense"}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--rank", type=int, default=16)
     args = p.parse_args()
     m, n = (int(v) for v in args.shape.split("x"))
+    stack = _layers(m, n, args.rank, args.layers)
     for k in range(args.runs):
-        dense, ratios = run(m, n, args.rank, args.layers, args.rounds, seed=k)
-        print(f"dense {dense * 1e3:.3f} ms  " +
-              "  ".join(f"{name} {r:.3f}x" for name, r in ratios.items() if name != "dense W@x"))
+        for rows in args.rows:
+            dense, ratios = run(stack, rows, args.rounds if rows == 1 else args.rounds // 3, seed=k)
+            print(f"rows {rows}  dense {dense * 1e3:.3f} ms  " +
+                  "  ".join(f"{name} {r:.3f}x" for name, r in ratios.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -355,10 +355,10 @@ def forward_stacked(WA, B, scaling, x, out):
     return _forward_stacked_checked(WA, B, scaling, x, out)
 
 
-#: Batches of at most this many rows: one matrix-vector product per row
-#: (:func:`forward`).  OpenBLAS's gemm at 2 rows x 4096 x 4096 float32 takes
-#: 3-4x one gemv (it packs W before multiplying), so two gemvs beat it;
-#: from 4 rows on the gemm is faster (measured: docs/performance.rst).
+#: Batches of at most this many rows: one matrix-vector product over
+#: ``[W; A]`` per row.  OpenBLAS's gemm at 2 to 8 rows x 4096 x 4096
+#: float32 takes 3-4x one gemv (it packs W before multiplying): two gemvs
+#: beat it (0.65-0.67x), four do not (1.10-1.12x).  See docs/performance.rst.
 PER_ROW_MAX_ROWS = 2
 
 
@@ -376,12 +376,10 @@ def _forward_batch_stacked(WA, B, scaling, X, out):
         gemm_nt(1.0, X, WA[:out_features], 0.0, out)
         return out
     if batch <= PER_ROW_MAX_ROWS:
-        W, A = WA[:out_features], WA[out_features:]
-        t = np.empty(rank, dtype=out.dtype)
+        y = np.empty((1, WA.shape[0]), dtype=out.dtype)
         for b in range(batch):
-            gemv_n(1.0, A, X[b], 0.0, t)
-            gemv_n(scaling, B, t, 0.0, out[b])
-            gemv_n(1.0, W, X[b], 1.0, out[b])
+            gemv_n(1.0, WA, X[b], 0.0, y[0])
+            _add_low_rank(y, B, scaling, out[b:b + 1])
         return out
     Y = np.empty((batch, WA.shape[0]), dtype=out.dtype)
     gemm_nt(1.0, X, WA, 0.0, Y)
@@ -402,8 +400,8 @@ def forward_batch_stacked(WA, B, scaling, X, out):
     is still bound by reading W: one gemm over ``[W; A]`` gives ``X W^T``
     and ``X A^T`` together, and one serial pass over B adds the low-rank
     term to every row.  Up to two rows (``PER_ROW_MAX_ROWS``) take one
-    matrix-vector product per row instead (OpenBLAS's gemm packs W first and
-    is slower than two gemvs there).  For large batches
+    matrix-vector product over ``[W; A]`` per row instead (OpenBLAS's gemm
+    packs W first and is slower than two gemvs there).  For large batches
     :func:`forward_batch` is as fast and needs no (batch, out_features +
     rank) temporary.
 
