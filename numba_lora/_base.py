@@ -1,9 +1,9 @@
-"""What every layer over a frozen weight shares: shape, dtype, a read-only view of W."""
+"""What the layers share: shape, dtype and a read-only view of W; the low-rank factors' attributes."""
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 
 class FrozenWeight:
@@ -30,6 +30,74 @@ class FrozenWeight:
     def weight(self) -> NDArray[np.floating]:
         """ndarray: Read-only view of the current W."""
         return readonly(self._W)
+
+
+class LowRankFactors:
+    """Mixin for layers with factors ``self._A``, ``self._B`` and their settings.
+
+    The class provides ``set_lora_a`` / ``set_lora_b`` (what a new factor is
+    converted to and how it is stored differs from layer to layer).
+    """
+
+    __slots__ = ()
+
+    @property
+    def rank(self) -> int:
+        """int: Rank of the low-rank update."""
+        return self._rank
+
+    @property
+    def alpha(self) -> float:
+        """float: LoRA alpha."""
+        return self._alpha
+
+    @property
+    def use_rslora(self) -> bool:
+        """bool: Whether ``scaling = alpha / sqrt(rank)``."""
+        return self._use_rslora
+
+    @property
+    def scaling(self) -> float:
+        """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return self._scaling
+
+    @property
+    def lora_a(self) -> NDArray[np.floating]:
+        """ndarray: Read-only view of A, shape (rank, in_features)."""
+        return readonly(self._A)
+
+    @lora_a.setter
+    def lora_a(self, value: ArrayLike) -> None:
+        self.set_lora_a(value)
+
+    @property
+    def lora_b(self) -> NDArray[np.floating]:
+        """ndarray: Read-only view of B, shape (out_features, rank)."""
+        return readonly(self._B)
+
+    @lora_b.setter
+    def lora_b(self, value: ArrayLike) -> None:
+        self.set_lora_b(value)
+
+    @property
+    def trainable_params(self) -> int:
+        """int: ``rank * (in_features + out_features)``."""
+        return self._rank * (self.in_features + self.out_features)
+
+    @property
+    def total_params(self) -> int:
+        """int: ``in_features * out_features + trainable_params``."""
+        return self.in_features * self.out_features + self.trainable_params
+
+    @property
+    def compression_ratio(self) -> float:
+        """float: ``trainable_params / total_params``."""
+        return self.trainable_params / self.total_params
+
+    @property
+    def is_enabled(self) -> bool:
+        """bool: Whether the update takes part in the output."""
+        return self._enabled
 
 
 def readonly(array):

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import kernels
-from ._base import FrozenWeight, readonly
+from ._base import FrozenWeight, LowRankFactors, readonly
 from .kernels import train as train_kernels
 from ._lock import RWLock
 from ._validate import (
@@ -53,7 +53,7 @@ STACKED_MAX_ROWS = kernels.lora.PER_ROW_MAX_ROWS
 INITS = ("peft", "gaussian", "pissa")
 
 
-class LoraLinear(FrozenWeight):
+class LoraLinear(FrozenWeight, LowRankFactors):
     """A linear layer ``y = W x + scaling * B (A x)`` with frozen ``W``.
 
     Parameters
@@ -199,46 +199,7 @@ class LoraLinear(FrozenWeight):
         self._W = WA[:out_features]
         self._A = WA[out_features:]
 
-    # ------------------------------------------------------------------ shape
-    @property
-    def rank(self) -> int:
-        """int: Rank of the low-rank update."""
-        return self._rank
-
-    @property
-    def alpha(self) -> float:
-        """float: LoRA alpha."""
-        return self._alpha
-
-    @property
-    def use_rslora(self) -> bool:
-        """bool: Whether ``scaling = alpha / sqrt(rank)``."""
-        return self._use_rslora
-
-    @property
-    def scaling(self) -> float:
-        """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return self._scaling
-
     # ------------------------------------------------------------- parameters
-    @property
-    def lora_a(self) -> NDArray[np.floating]:
-        """ndarray: Read-only view of A, shape (rank, in_features)."""
-        return readonly(self._A)
-
-    @lora_a.setter
-    def lora_a(self, value: ArrayLike) -> None:
-        self.set_lora_a(value)
-
-    @property
-    def lora_b(self) -> NDArray[np.floating]:
-        """ndarray: Read-only view of B, shape (out_features, rank)."""
-        return readonly(self._B)
-
-    @lora_b.setter
-    def lora_b(self, value: ArrayLike) -> None:
-        self.set_lora_b(value)
-
     def set_lora_a(self, a: ArrayLike) -> None:
         """Replace A with a copy of ``a``, shape (rank, in_features).
 
@@ -324,31 +285,11 @@ class LoraLinear(FrozenWeight):
             self._B = B
             self._version += 1
 
-    @property
-    def trainable_params(self) -> int:
-        """int: ``rank * (in_features + out_features)``."""
-        return self._rank * (self.in_features + self.out_features)
-
-    @property
-    def total_params(self) -> int:
-        """int: ``in_features * out_features + trainable_params``."""
-        return self.in_features * self.out_features + self.trainable_params
-
-    @property
-    def compression_ratio(self) -> float:
-        """float: ``trainable_params / total_params``."""
-        return self.trainable_params / self.total_params
-
     # ------------------------------------------------------------------ state
     @property
     def is_merged(self) -> bool:
         """bool: Whether the update is currently added into W."""
         return self._merged
-
-    @property
-    def is_enabled(self) -> bool:
-        """bool: Whether the update takes part in the output."""
-        return self._enabled
 
     def enable(self) -> None:
         """Let the low-rank update take part in the output again.

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import nf4
-from ._base import readonly
+from ._base import LowRankFactors
 from ._lock import RWLock
 from ._validate import (as_factor, as_real_array, as_rng, check_alpha, check_flag, check_out,
                         check_rank, check_scaling, check_shape)
@@ -35,7 +35,7 @@ __all__ = ["QLoraLinear"]
 _F32 = np.dtype(np.float32)
 
 
-class QLoraLinear:
+class QLoraLinear(LowRankFactors):
     """A linear layer ``y = deq(W) x + scaling * B (A x)`` with ``W`` frozen in 4-bit NF4.
 
     Parameters
@@ -203,45 +203,7 @@ class QLoraLinear:
         """bool: Whether the base weight's absmax is itself 8-bit quantized."""
         return self._q.double_quant
 
-    @property
-    def rank(self) -> int:
-        """int: Rank of the low-rank update."""
-        return self._rank
-
-    @property
-    def alpha(self) -> float:
-        """float: LoRA alpha."""
-        return self._alpha
-
-    @property
-    def use_rslora(self) -> bool:
-        """bool: Whether ``scaling = alpha / sqrt(rank)``."""
-        return self._use_rslora
-
-    @property
-    def scaling(self) -> float:
-        """float: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return self._scaling
-
     # ------------------------------------------------------------- parameters
-    @property
-    def lora_a(self) -> NDArray[np.float32]:
-        """ndarray: Read-only view of A, shape (rank, in_features)."""
-        return readonly(self._A)
-
-    @lora_a.setter
-    def lora_a(self, value: ArrayLike) -> None:
-        self.set_lora_a(value)
-
-    @property
-    def lora_b(self) -> NDArray[np.float32]:
-        """ndarray: Read-only view of B, shape (out_features, rank)."""
-        return readonly(self._B)
-
-    @lora_b.setter
-    def lora_b(self, value: ArrayLike) -> None:
-        self.set_lora_b(value)
-
     def set_lora_a(self, a: ArrayLike) -> None:
         """Replace A with a float32 copy of ``a``, shape (rank, in_features).
 
@@ -308,21 +270,6 @@ class QLoraLinear:
             self._B = new
 
     @property
-    def trainable_params(self) -> int:
-        """int: ``rank * (in_features + out_features)``."""
-        return self._rank * (self.in_features + self.out_features)
-
-    @property
-    def total_params(self) -> int:
-        """int: ``in_features * out_features + trainable_params``."""
-        return self.in_features * self.out_features + self.trainable_params
-
-    @property
-    def compression_ratio(self) -> float:
-        """float: ``trainable_params / total_params``."""
-        return self.trainable_params / self.total_params
-
-    @property
     def nbytes(self) -> int:
         """int: Bytes the layer holds: the quantized base (:attr:`NF4Weight.nbytes`) plus A and B."""
         return self._q.nbytes + self._A.nbytes + self._B.nbytes
@@ -364,11 +311,6 @@ class QLoraLinear:
     def is_merged(self) -> bool:
         """bool: Always False: a 4-bit base is never merged into (see :meth:`merge`)."""
         return False
-
-    @property
-    def is_enabled(self) -> bool:
-        """bool: Whether the update takes part in the output."""
-        return self._enabled
 
     def enable(self) -> None:
         """Let the low-rank update take part in the output again.
