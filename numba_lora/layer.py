@@ -476,8 +476,9 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         # else takes the general path with its messages.
         W, B = self._W, self._B
         given = x
-        if not (type(x) is np.ndarray and x.dtype == B.dtype and x.ndim == 1
-                and x.shape[0] == W.shape[1] and x.flags.c_contiguous):
+        lean = (type(x) is np.ndarray and x.dtype == B.dtype and x.ndim == 1
+                and x.shape[0] == W.shape[1] and x.flags.c_contiguous)
+        if not lean:
             x = self._as_input(x, "x")
             check_shape(x, (self.in_features,), "x", ("in_features",))
         lock = self._lock
@@ -485,8 +486,12 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         try:
             if out is None:
                 out = np.empty(W.shape[0], dtype=B.dtype)
-            else:
+            elif not (lean and type(out) is np.ndarray and out.dtype == B.dtype
+                      and out.shape == (W.shape[0],) and out.flags.c_contiguous
+                      and out.flags.writeable):
                 check_out(out, (W.shape[0],), B.dtype, (given, x, self._WA, B))
+            # (A usual out next to the usual x: the kernel itself refuses an
+            # out overlapping x, W, A or B before it writes anything.)
             # One gemv over [W; A] (W x and A x in one pass), then B t added
             # in one serial pass: 0.99-1.01x the dense gemv at 4096 x 4096
             # float32, against 1.01-1.02x for kernels.forward's three calls.
@@ -530,8 +535,9 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         # per call runs this Python on caches the last product emptied.
         W, B = self._W, self._B
         given = X
-        if not (type(X) is np.ndarray and X.dtype == B.dtype and X.ndim == 2
-                and X.shape[1] == W.shape[1] and X.flags.c_contiguous):
+        lean = (type(X) is np.ndarray and X.dtype == B.dtype and X.ndim == 2
+                and X.shape[1] == W.shape[1] and X.flags.c_contiguous)
+        if not lean:
             X = self._as_input(X, "X")
             check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
         lock = self._lock
@@ -539,8 +545,11 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         try:
             if out is None:
                 out = np.empty((X.shape[0], W.shape[0]), dtype=B.dtype)
-            else:
+            elif not (lean and type(out) is np.ndarray and out.dtype == B.dtype
+                      and out.shape == (X.shape[0], W.shape[0]) and out.flags.c_contiguous
+                      and out.flags.writeable):
                 check_out(out, (X.shape[0], W.shape[0]), B.dtype, (given, X, self._WA, B))
+            # (As in forward: the kernels refuse an overlapping out themselves.)
             if X.shape[0] <= STACKED_MAX_ROWS:
                 return kernels.forward_batch_stacked(self._WA, B, self._kernel_scaling(), X, out)
             return kernels.forward_batch(W, self._A, B, self._kernel_scaling(), X, out)
