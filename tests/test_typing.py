@@ -46,12 +46,6 @@ PUBLIC_DUNDERS = {"__init__", "__call__", "__enter__", "__exit__"}
 #: outside the hints pass that added this test; fill it in there, then delete
 #: the entry (the test fails on an entry that is no longer needed).
 ALLOWED_GAPS = {
-    # numba_lora/checkpoint/_write.py: re-exported by
-    # numba_lora.checkpoint, written before the hints pass.
-    "numba_lora.checkpoint._write.write_shard": "plan, shard, directory, progress, return",
-    "numba_lora.checkpoint._write.Output.__init__": "plan, out, return",
-    "numba_lora.checkpoint._write.Output.commit": "return",
-    "numba_lora.checkpoint._write.Output.abort": "return",
 }
 
 

@@ -28,6 +28,8 @@ temporary name renamed when complete; the staging directory becomes
 ``out`` and no half-written shard.
 """
 
+from __future__ import annotations
+
 import errno
 import math
 import mmap
@@ -37,6 +39,7 @@ import shutil
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -46,6 +49,7 @@ from .. import kernels
 from ..errors import LoraConfigError, LoraFormatError
 from ..io.safetensors import SafetensorsFile, as_path
 from ..io._fs import quietly as _quietly
+from ._plan import MergePlan
 
 __all__ = ["write_shard", "run_shards", "Output"]
 
@@ -663,7 +667,9 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None, sync=None)
     return written
 
 
-def write_shard(plan, shard, directory, progress=None, sync=None):
+def write_shard(plan: MergePlan, shard: str, directory: str | os.PathLike[str],
+                progress: Callable[[int], object] | None = None,
+                sync: bool | None = None) -> int:
     """Write the merged ``shard`` of ``plan`` into ``directory``; return its bytes.
 
     The shard is written to a temporary name in ``directory`` and renamed
@@ -703,7 +709,7 @@ class Output:
         (and removed again if the merge fails).
     """
 
-    def __init__(self, plan, out):
+    def __init__(self, plan: MergePlan, out: str | os.PathLike[str]) -> None:
         out = as_path(out, "out")
         if out.is_symlink():
             raise LoraConfigError(f"out {out} is a symbolic link; give a directory path")
@@ -740,7 +746,7 @@ class Output:
             self._remove_created()
             raise
 
-    def commit(self):
+    def commit(self) -> None:
         """Copy the index and the other files, then rename the staging directory to ``out``."""
         checkpoint = self.plan.checkpoint
         for shard in self.plan.shards:
@@ -757,7 +763,7 @@ class Output:
         os.rename(self.staging, self.out)
         _fsync_directory(self.out.parent)
 
-    def abort(self):
+    def abort(self) -> None:
         """Remove the staging directory and the parents this merge created."""
         shutil.rmtree(self.staging, ignore_errors=True)
         self._remove_created()
