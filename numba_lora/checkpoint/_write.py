@@ -9,12 +9,12 @@ largest adapted tensor, in its stored dtype.
 
 Three ways to the disk, same bytes (tested):
 
-- synced (:data:`SYNC`, the default) where the file system takes
+- synced (``sync=True``, the default) where the file system takes
   ``O_DIRECT``: one aligned chunk (:class:`_DirectSink`) assembled from the
   base's unchanged bytes and the merged tensors (read into a buffer, merged
   there), written straight to the disk; no page cache, so the least CPU,
   and the ``fsync`` before the rename has nothing left to write;
-- through the page cache (``SYNC`` off, or ``O_DIRECT`` refused): the
+- through the page cache (``sync=False``, or ``O_DIRECT`` refused): the
   operating system copies the whole shard (``os.copy_file_range``), and
   each adapted tensor is merged in place in a pre-faulted shared mapping of
   its pages in the output (:data:`MAP_WRITES`), or, where the mapping cannot
@@ -76,14 +76,6 @@ DIRECT_IO = True
 _ALIGN = 4096  # O_DIRECT offsets, lengths and addresses: a multiple of every logical block size
 _DIRECT_CHUNK = 8 << 20
 
-#: ``fsync`` each shard before renaming it into place (durable once
-#: :func:`merge` returns).  Off, a shard is renamed once its bytes are in the
-#: page cache, as ``shutil.copyfile`` leaves a copy: a failure or an
-#: interruption still leaves nothing half-written, but a power loss soon after
-#: the merge can (the operating system writes the bytes out later).  Off also
-#: means no ``O_DIRECT`` (which writes to the disk as it goes).
-SYNC = True
-
 #: Where the bytes go through the page cache: merge each adapted tensor in
 #: place in a shared mapping of the output, after the operating system has
 #: copied the whole shard (``copy_file_range``), rather than reading it into
@@ -96,7 +88,7 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
 _MAPPED_PIECE = 64 << 20  # bytes per copy_file_range call of a shard merged in place
 
 
-def _open_output(path, sync=True):
+def _open_output(path, sync):
     """(unbuffered binary file, True if O_DIRECT) for a new shard file at ``path``."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     direct = DIRECT_IO and sync and hasattr(os, "O_DIRECT")
@@ -116,7 +108,7 @@ def _open_output(path, sync=True):
 class _Copier:
     """Copies byte ranges of ``src`` to ``dst``'s position: in the kernel where it can."""
 
-    def __init__(self, src, dst, path, sync=True):
+    def __init__(self, src, dst, path, sync):
         self.src, self.dst, self.path, self.synced = src, dst, path, sync
         self.in_kernel = hasattr(os, "copy_file_range")
         self._buffer = None
@@ -368,9 +360,9 @@ class _ShardJob:
     temporary name.
     """
 
-    def __init__(self, plan, shard, directory, progress=None, sync=None):
+    def __init__(self, plan, shard, directory, progress=None, sync=True):
         directory = as_path(directory, "directory")
-        self.sync = SYNC if sync is None else bool(sync)
+        self.sync = bool(sync)
         layout = next((s for s in plan.checkpoint.shards if s.name == shard), None)
         if layout is None:
             raise LoraConfigError(f"{shard!r} is not a shard of {plan.checkpoint.directory}")
@@ -638,7 +630,7 @@ def _nbytes(info):
     return (info.stop - info.start)
 
 
-def run_shards(plan, shards, directory, progress=None, on_shard=None, sync=None):
+def run_shards(plan, shards, directory, progress=None, on_shard=None, sync=True):
     """Write ``shards`` one after another, each one's sync overlapping the next one's work.
 
     Returns the bytes written.  On any failure every shard not yet renamed
@@ -669,7 +661,7 @@ def run_shards(plan, shards, directory, progress=None, on_shard=None, sync=None)
 
 def write_shard(plan: MergePlan, shard: str, directory: str | os.PathLike[str],
                 progress: Callable[[int], object] | None = None,
-                sync: bool | None = None) -> int:
+                sync: bool = True) -> int:
     """Write the merged ``shard`` of ``plan`` into ``directory``; return its bytes.
 
     The shard is written to a temporary name in ``directory`` and renamed
@@ -687,7 +679,11 @@ def write_shard(plan: MergePlan, shard: str, directory: str | os.PathLike[str],
     progress : callable, optional
         Called with the number of bytes of each piece as it is queued.
     sync : bool, optional
-        ``fsync`` the shard before its rename (default: :data:`SYNC`, on).
+        ``fsync`` the shard before its rename (default), so it is durable
+        once renamed; ``False`` renames it once its bytes are in the page
+        cache, as ``shutil.copyfile`` leaves a copy (a failure still leaves
+        nothing half-written; a power loss soon after can), and never uses
+        ``O_DIRECT``, which writes to the disk as it goes.
 
     Returns
     -------

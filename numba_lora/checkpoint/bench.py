@@ -200,7 +200,6 @@ how = sys.argv[4]
 if how != "default":
     _write.DIRECT_IO = how.startswith("direct")
     _write.MAP_WRITES = how.startswith("mapped")
-    _write.SYNC = not how.endswith("-nosync")
 import numpy as np
 W = np.zeros((8, 8), np.uint16); A = np.zeros((2, 8), np.float32); B = np.zeros((8, 2), np.float32)
 # Load the kernels first (from Numba's cache: about half a second, once per
@@ -227,7 +226,8 @@ def rss(field):
                 return int(line.split()[1])
 floor = rss("VmRSS:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before = cpu()
-r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, sync=_write.SYNC)
+r = c.merge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
+            sync=not how.endswith("-nosync"))
 spent = cpu() - before
 peak = rss("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(floor, peak, r.seconds, r.bytes, spent)

@@ -1,7 +1,7 @@
 """The ways a shard can be written (O_DIRECT, mapped, buffered; synced or not) give the same bytes.
 
 Each way is chosen by ``numba_lora.checkpoint._write``'s switches (``DIRECT_IO``,
-``MAP_WRITES``, ``SYNC``) and by what the operating system refuses; every one
+``MAP_WRITES``), by ``merge(sync=...)`` and by what the operating system refuses; every one
 must write the bytes of the reference (float32 merges by the float32 kernel,
 half-precision ones rounded once), and a failure in any of them must leave
 nothing behind.
@@ -27,14 +27,14 @@ F32_Q, BF16_Q, F16_K, NORM = ("model.layers.0.q.weight", "model.layers.1.q.weigh
 BF16_K, HEAD = "model.layers.1.k.weight", "lm_head.weight"
 SHAPES = {F32_Q: (40, 70), BF16_Q: (64, 70), F16_K: (30, 70), BF16_K: (70, 64)}
 
-#: (DIRECT_IO, MAP_WRITES, SYNC) of each way through the page cache or not.
+#: (DIRECT_IO, MAP_WRITES, sync) of each way through the page cache or not.
 WAYS = {
     "direct": (True, True, True),
     "mapped": (False, True, True),
     "buffered": (False, False, True),
     "mapped, not synced": (False, True, False),
     "buffered, not synced": (False, False, False),
-    # SYNC off means no O_DIRECT, whatever DIRECT_IO says.
+    # sync off means no O_DIRECT, whatever DIRECT_IO says.
     "direct asked, not synced": (True, True, False),
 }
 
@@ -74,15 +74,15 @@ def case(tmp_path, rng):
 
 
 def _set(monkeypatch, way):
+    """Set ``way``'s switches; return its ``sync`` for :func:`_merge`."""
     direct, mapped, sync = WAYS[way]
     monkeypatch.setattr(_write, "DIRECT_IO", direct)
     monkeypatch.setattr(_write, "MAP_WRITES", mapped)
-    monkeypatch.setattr(_write, "SYNC", sync)
+    return sync
 
 
-def _merge(base, adapter, out, **kw):
-    """checkpoint.merge with the way _set chose (merge's sync= decides per call)."""
-    return checkpoint.merge(base, adapter, out, sync=_write.SYNC, **kw)
+def _merge(base, adapter, out, sync=True, **kw):
+    return checkpoint.merge(base, adapter, out, sync=sync, **kw)
 
 
 def _check(result, base, expected):
@@ -103,8 +103,8 @@ def _leftovers(directory):
 @pytest.mark.parametrize("way", sorted(WAYS))
 def test_every_way_writes_the_reference_bytes(tmp_path, case, monkeypatch, way):
     base, adapter, expected = case
-    _set(monkeypatch, way)
-    result = _merge(base, adapter, tmp_path / "out")
+    sync = _set(monkeypatch, way)
+    result = _merge(base, adapter, tmp_path / "out", sync)
     _check(result, base, expected)
     assert _leftovers(tmp_path) == []
 
@@ -124,7 +124,7 @@ def test_sync_off_leaves_the_shards_unsynced(tmp_path, case, monkeypatch, sync):
         real_fsync(fd)
 
     monkeypatch.setattr(_write.os, "fsync", fsync)
-    result = _merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out", sync)
     _check(result, base, expected)
     files = [d for d in synced if d is False]
     if os.path.isdir("/proc/self/fd"):
@@ -138,7 +138,7 @@ def test_a_kernel_without_populate_write_gets_written_bytes(tmp_path, case, monk
     # a buffer and written over its copy, never touched through a mapping
     # that could fault.
     base, adapter, expected = case
-    _set(monkeypatch, "mapped")
+    sync = _set(monkeypatch, "mapped")
 
     class Refusing(mmap.mmap):
         def madvise(self, *args):
@@ -148,7 +148,7 @@ def test_a_kernel_without_populate_write_gets_written_bytes(tmp_path, case, monk
             raise AssertionError("read through a mapping that was not pre-faulted")
 
     monkeypatch.setattr(_write.mmap, "mmap", Refusing)
-    result = _merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out", sync)
     _check(result, base, expected)
 
 
@@ -156,7 +156,7 @@ def test_a_page_that_cannot_be_made_writable_is_an_error(tmp_path, case, monkeyp
     # MADV_POPULATE_WRITE reports what would be SIGBUS (disk full on a
     # copy-on-write file system, an I/O error) as an error: raised, nothing left.
     base, adapter, _ = case
-    _set(monkeypatch, "mapped")
+    sync = _set(monkeypatch, "mapped")
 
     class Failing(mmap.mmap):
         def madvise(self, *args):
@@ -164,7 +164,7 @@ def test_a_page_that_cannot_be_made_writable_is_an_error(tmp_path, case, monkeyp
 
     monkeypatch.setattr(_write.mmap, "mmap", Failing)
     with pytest.raises(OSError, match="Bad address"):
-        _merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out", sync)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -173,7 +173,7 @@ def test_without_copy_file_range(tmp_path, case, monkeypatch, way):
     # Between file systems copy_file_range refuses (EXDEV); the bytes are
     # then copied through user space, and the mapping merges them the same.
     base, adapter, expected = case
-    _set(monkeypatch, way)
+    sync = _set(monkeypatch, way)
     monkeypatch.setattr(_write, "_MAPPED_PIECE", 3000)  # pieces end inside tensors
 
     def refusing(*args):
@@ -181,7 +181,7 @@ def test_without_copy_file_range(tmp_path, case, monkeypatch, way):
 
     monkeypatch.setattr(_write.os, "copy_file_range", refusing, raising=False)
     monkeypatch.setattr(_write, "_CHUNK", 1000)
-    result = _merge(base, adapter, tmp_path / "out")
+    result = _merge(base, adapter, tmp_path / "out", sync)
     _check(result, base, expected)
 
 
@@ -189,7 +189,7 @@ def test_without_copy_file_range(tmp_path, case, monkeypatch, way):
 @pytest.mark.parametrize("where", ["kernel", "copy"])
 def test_a_failure_on_the_mapped_way_leaves_nothing(tmp_path, case, monkeypatch, way, where):
     base, adapter, _ = case
-    _set(monkeypatch, way)
+    sync = _set(monkeypatch, way)
     if where == "kernel":
         def failing(W, A, B, scaling):
             raise RuntimeError("boom")
@@ -205,7 +205,7 @@ def test_a_failure_on_the_mapped_way_leaves_nothing(tmp_path, case, monkeypatch,
 
         monkeypatch.setattr(_write._Copier, "copy", copy)
     with pytest.raises((RuntimeError, OSError), match="boom|No space"):
-        _merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out", sync)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -215,7 +215,7 @@ def test_a_failed_direct_write_stops_the_merge(tmp_path, case, monkeypatch, at):
     # The writer thread's error reaches the caller (the first chunk, or one
     # past a tensor); no thread is left waiting.
     base, adapter, _ = case
-    _set(monkeypatch, "direct")
+    sync = _set(monkeypatch, "direct")
     monkeypatch.setattr(_write, "_DIRECT_CHUNK", 4096)
     real_pwrite, calls = os.pwrite, []
 
@@ -227,7 +227,7 @@ def test_a_failed_direct_write_stops_the_merge(tmp_path, case, monkeypatch, at):
 
     monkeypatch.setattr(_write.os, "pwrite", pwrite)
     with pytest.raises(OSError, match="Input/output error"):
-        _merge(base, adapter, tmp_path / "out")
+        _merge(base, adapter, tmp_path / "out", sync)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
     import threading
 
@@ -250,9 +250,9 @@ def test_peft_fixtures_through_the_page_cache(tmp_path, monkeypatch, way):
     monkeypatch.setattr(_write, "MAP_WRITES", False)  # O_DIRECT, or buffers: never mapped
     references = [_merge(base, adapter, tmp_path / f"ref{k}", **kw)
                   for k, (base, adapter, kw) in enumerate(cases)]
-    _set(monkeypatch, way)
+    sync = _set(monkeypatch, way)
     for k, (base, adapter, kw) in enumerate(cases):
-        result = _merge(base, adapter, tmp_path / f"out{k}", **kw)
+        result = _merge(base, adapter, tmp_path / f"out{k}", sync, **kw)
         assert result.shards == references[k].shards
         for shard in result.shards:
             assert (result.out / shard).read_bytes() == \
@@ -261,9 +261,8 @@ def test_peft_fixtures_through_the_page_cache(tmp_path, monkeypatch, way):
 
 @pytest.mark.parametrize("sync", [True, False])
 def test_merge_sync_argument(tmp_path, case, monkeypatch, sync):
-    # merge(sync=...) decides per call, whatever the module default says.
+    # merge(sync=...) decides per call.
     base, adapter, expected = case
-    monkeypatch.setattr(_write, "SYNC", not sync)
     files = []
     real_fsync = os.fsync
 
