@@ -12,7 +12,6 @@ an OUT_DIR that is a file or a directory that is not empty.
 
 from __future__ import annotations
 
-
 import argparse
 import math
 import os
