@@ -453,8 +453,8 @@ class _ShardJob:
 
     def _threaded(self, action):
         previous = numba.get_num_threads()
-        self._threads = max(1, previous - 1)
-        numba.set_num_threads(self._threads)  # this thread's count only
+        self._kernel_threads = max(1, previous - 1)
+        numba.set_num_threads(self._kernel_threads)  # this thread's count only
         try:
             action()
         finally:
@@ -587,13 +587,13 @@ class _ShardJob:
     def _compute(self, W, info, merge):
         """Merge ``merge`` into ``W`` (the tensor's stored bits, in file byte order) in place."""
         _, threaded, serial, compute = _KERNELS[info.dtype]
-        kernel = threaded if self._threads > 1 else serial
+        kernel = threaded if self._kernel_threads > 1 else serial
         if _BIG_ENDIAN:
             W.byteswap(inplace=True)
         A, B = _factors(self.adapters, merge, info, compute)
         if merge.combination == "cat" and info.dtype in _HALF:
             _merge_half_as_peft(W, A, B, merge.scaling, info.dtype,
-                                kernels.merge if self._threads > 1 else kernels.merge_serial)
+                                kernels.merge if self._kernel_threads > 1 else kernels.merge_serial)
         else:
             kernel(W, A, B, merge.scaling)
         if _BIG_ENDIAN:
