@@ -2,7 +2,7 @@
 
 Intrinsics: :func:`fma` (a fused multiply-add, rounded once),
 :func:`fma_block4` (the merge's register-blocked inner loop of such fused
-multiply-adds), :func:`prefetch` (a cache hint).  They are exact IEEE
+multiply-adds), :func:`prefetch` and :func:`prefetch_read` (cache hints).  They are exact IEEE
 operations or hints, so they change no result from one CPU to another.
 
 Every public kernel (and every BLAS wrapper) is guarded: when Numba types a
@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from ..errors import LoraDtypeError, LoraError, LoraShapeError, LoraTypeError
 
-__all__ = ["guarded", "python_errors", "fma", "fma_block4", "prefetch"]
+__all__ = ["guarded", "python_errors", "fma", "fma_block4", "prefetch", "prefetch_read"]
 
 #: Argument kinds: (what it must be, ndim, dtype rule, writable).
 #: dtype rule "float" means float32 or float64, one dtype shared by every
@@ -302,22 +302,30 @@ def fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@intrinsic
-def prefetch(typingctx, address):
-    """Hint the CPU to bring the cache line at ``address`` (an integer) in for writing."""
-    if not isinstance(address, types.Integer):
-        return None
+def _prefetch(rw, what):
+    """A prefetch intrinsic: ``rw`` 1 asks for the line for writing, 0 for reading."""
+    def hint(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
 
-    def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-        # rw = 1 (for writing), locality = 3 (keep in all levels), data cache.
-        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(1), i32(3), i32(1)])
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+            # locality = 3 (keep in all levels), data cache.
+            builder.call(fn, [builder.inttoptr(args[0], i8p), i32(rw), i32(3), i32(1)])
+            return context.get_dummy_value()
 
-    return types.void(address), codegen
+        return types.void(address), codegen
+
+    hint.__doc__ = (f"Hint the CPU to bring the cache line at ``address`` (an integer) in "
+                    f"for {what}; it never faults, whatever the address.")
+    return hint
+
+
+prefetch = intrinsic(_named(_prefetch(1, "writing"), "prefetch"))
+prefetch_read = intrinsic(_named(_prefetch(0, "reading"), "prefetch_read"))
 
 
 #: Rows of the register block of :func:`fma_block4`.
