@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._validate import check_out
+
 
 class FrozenWeight:
     """Mixin for classes that keep their weight, C-contiguous, in ``self._W``."""
@@ -36,7 +38,8 @@ class LowRankFactors:
     """Mixin for layers with factors ``self._A``, ``self._B`` and their settings.
 
     The class provides ``set_lora_a`` / ``set_lora_b`` (what a new factor is
-    converted to and how it is stored differs from layer to layer).
+    converted to and how it is stored differs from layer to layer) and
+    ``_held`` (the float arrays a forward reads, for the overlap check).
     """
 
     __slots__ = ()
@@ -98,6 +101,25 @@ class LowRankFactors:
     def is_enabled(self) -> bool:
         """bool: Whether the update takes part in the output."""
         return self._enabled
+
+    def _output(self, shape, out, inputs, usual=False):
+        """``out`` checked, or a new array of B's dtype, for a forward of ``inputs``.
+
+        ``usual``: the input is passed to the kernel as it came (a
+        C-contiguous array of the layer's dtype).  Then a usual ``out``
+        (ndarray of that dtype and shape, C-contiguous, writable) is taken
+        without the Python overlap checks: the kernels refuse an ``out``
+        overlapping any of their arrays before they write anything.
+        Decoding calls this right after the previous product streamed a
+        weight through the caches, where every Python line is a cache miss.
+        """
+        dtype = self._B.dtype
+        if out is None:
+            return np.empty(shape, dtype=dtype)
+        if (usual and type(out) is np.ndarray and out.dtype == dtype and out.shape == shape
+                and out.flags.c_contiguous and out.flags.writeable):
+            return out
+        return check_out(out, shape, dtype, (*inputs, *self._held()))
 
 
 def readonly(array):

@@ -591,22 +591,9 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         result = self.forward_batch(x.reshape(-1, self.in_features), out=flat_out)
         return result.reshape(lead + (self.out_features,))
 
-    def _output(self, shape, out, inputs, usual=False):
-        """``out`` checked, or a new array, for a forward of ``inputs``.
-
-        ``usual``: the input is passed to the kernel as it came (a
-        C-contiguous array of the layer's dtype).  Then a usual ``out``
-        (ndarray of that dtype and shape, C-contiguous, writable) is taken
-        without the Python overlap checks: the kernels refuse an ``out``
-        overlapping any of their arrays before they write anything.
-        """
-        B = self._B
-        if out is None:
-            return np.empty(shape, dtype=B.dtype)
-        if (usual and type(out) is np.ndarray and out.dtype == B.dtype and out.shape == shape
-                and out.flags.c_contiguous and out.flags.writeable):
-            return out
-        return check_out(out, shape, B.dtype, (*inputs, self._WA, B))
+    def _held(self):
+        """The float arrays a forward reads (for the overlap check of ``out``)."""
+        return (self._WA, self._B)
 
     # --------------------------------------------------------------- training
     def forward_train(self, X: ArrayLike, *, dropout: float = 0.0,

@@ -514,10 +514,9 @@ class QLoraLinear(LowRankFactors):
     def _as_input(self, x, name):
         return np.asarray(as_real_array(x, name, _F32), order="C")
 
-    def _output(self, shape, out, inputs):
-        if out is None:
-            return np.empty(shape, dtype=_F32)
-        return check_out(out, shape, _F32, (*inputs, self._A, self._B))
+    def _held(self):
+        """The float arrays a forward reads (for the overlap check of ``out``)."""
+        return (self._A, self._B)
 
     def _kernel_args(self):
         """Storage arguments for the kernels (before A, B, scaling)."""
@@ -556,16 +555,26 @@ class QLoraLinear(LowRankFactors):
         >>> bool(np.allclose(layer.forward(x), layer.dequantize_weight() @ x, atol=1e-4))
         True
         """
+        # LoraLinear.forward's lean path: decoding calls this right after the
+        # previous layer's product emptied the caches.  The usual input (a
+        # C-contiguous float32 vector) skips the conversion helpers.
+        A, B = self._A, self._B
         given = x
-        x = self._as_input(x, "x")
-        check_shape(x, (self.in_features,), "x", ("in_features",))
-        with self._lock.read():
-            out = self._output((self.out_features,), out, (given, x))
+        lean = (type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 1
+                and x.shape[0] == A.shape[1] and x.flags.c_contiguous)
+        if not lean:
+            x = self._as_input(x, "x")
+            check_shape(x, (self.in_features,), "x", ("in_features",))
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            out = self._output((B.shape[0],), out, (given, x), lean)
             scaling = self._scaling if self._enabled else 0.0
-            storage = self._kernel_args()
             if self._q.double_quant:
-                return qkernels.forward_nf4_dq(*storage, self._A, self._B, scaling, x, out)
-            return qkernels.forward_nf4(*storage, self._A, self._B, scaling, x, out)
+                return qkernels.forward_nf4_dq(*self._kernel_args(), A, B, scaling, x, out)
+            return qkernels.forward_nf4(*self._kernel_args(), A, B, scaling, x, out)
+        finally:
+            lock.release_read()
 
     def forward_batch(self, X: ArrayLike,
                       out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
@@ -598,16 +607,23 @@ class QLoraLinear(LowRankFactors):
         >>> layer.forward_batch(X).shape
         (3, 4)
         """
+        A, B = self._A, self._B
         given = X
-        X = self._as_input(X, "X")
-        check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
-        with self._lock.read():
-            out = self._output((X.shape[0], self.out_features), out, (given, X))
+        lean = (type(X) is np.ndarray and X.dtype == _F32 and X.ndim == 2
+                and X.shape[1] == A.shape[1] and X.flags.c_contiguous)
+        if not lean:
+            X = self._as_input(X, "X")
+            check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            out = self._output((X.shape[0], B.shape[0]), out, (given, X), lean)
             scaling = self._scaling if self._enabled else 0.0
-            storage = self._kernel_args()
             if self._q.double_quant:
-                return qkernels.forward_batch_nf4_dq(*storage, self._A, self._B, scaling, X, out)
-            return qkernels.forward_batch_nf4(*storage, self._A, self._B, scaling, X, out)
+                return qkernels.forward_batch_nf4_dq(*self._kernel_args(), A, B, scaling, X, out)
+            return qkernels.forward_batch_nf4(*self._kernel_args(), A, B, scaling, X, out)
+        finally:
+            lock.release_read()
 
     def __call__(self, x: ArrayLike,
                  out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:

@@ -280,6 +280,28 @@ def test_hostile_inputs(rng):
         layer.forward_batch(shared.reshape(1, 80)[:, :80], out=shared[:24].reshape(1, 24))
 
 
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_usual_out_overlapping_the_input_is_refused_untouched(rng, double_quant):
+    # The forwards take a usual out (float32, C-contiguous, writable) without
+    # Python's overlap checks; the kernels' guard must still refuse one that
+    # shares memory with the input, before writing anything.
+    _, layer = make(rng, 80, 80, double_quant=double_quant, blocksize=32)
+    x = rng.standard_normal(80).astype(np.float32)
+    X = rng.standard_normal((3, 80)).astype(np.float32)
+    before = x.copy(), X.copy()
+    for call, arg, out in [(layer.forward, x, x), (layer.forward_batch, X, X),
+                           (layer.forward_batch, X[:2], X[1:])]:
+        with pytest.raises(LoraShapeError, match="overlap"):
+            call(arg, out=out)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(X, before[1])
+    # The usual out and a converted input take different paths to one answer.
+    y = layer.forward(x, out=np.empty(80, np.float32))
+    np.testing.assert_array_equal(y, layer.forward(x.astype(np.float64)))
+    np.testing.assert_array_equal(layer.forward_batch(X, out=np.empty((3, 80), np.float32)),
+                                  layer.forward_batch(X.tolist()))
+
 def test_forwards_in_threads_see_whole_factor_changes(rng):
     import threading
 
