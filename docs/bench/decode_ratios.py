@@ -7,6 +7,7 @@ round, and prints the median of each case over the dense product's median
 count::
 
     python docs/bench/decode_ratios.py [--runs 5] [--rows 1 2 4 8] [--layers 4] [--rounds 60]
+        [--shape 4096x4096] [--rank 16] [--dtype float32]
 """
 
 import argparse
@@ -18,22 +19,22 @@ import numpy as np
 from numba_lora import LoraLinear, kernels
 
 
-def _layers(m, n, rank, layers):
+def _layers(m, n, rank, layers, dtype):
     rng = np.random.default_rng(0)
     stack = []
     for _ in range(layers):
-        W = (rng.standard_normal((m, n)) / np.sqrt(n)).astype(np.float32)
+        W = (rng.standard_normal((m, n)) / np.sqrt(n)).astype(dtype)
         layer = LoraLinear(W, rank, 2.0 * rank, seed=rng)
         layer.lora_b = rng.standard_normal((m, rank)) * 0.01
         stack.append(layer)
     return stack
 
 
-def _cases(rows, n, m):
+def _cases(rows, n, m, dtype):
     rng = np.random.default_rng(1)
     if rows == 1:
-        x = rng.standard_normal(n).astype(np.float32)
-        out = np.empty(m, np.float32)
+        x = rng.standard_normal(n).astype(dtype)
+        out = np.empty(m, dtype)
         return {
             "dense": lambda L: np.matmul(L.weight, x, out=out),
             "kernels.forward": lambda L: kernels.forward(L.weight, L.lora_a, L.lora_b,
@@ -42,8 +43,8 @@ def _cases(rows, n, m):
                 L._WA, L.lora_b, L.scaling, x, out),
             "LoraLinear.forward": lambda L: L.forward(x, out=out),
         }
-    X = rng.standard_normal((rows, n)).astype(np.float32)
-    out = np.empty((rows, m), np.float32)
+    X = rng.standard_normal((rows, n)).astype(dtype)
+    out = np.empty((rows, m), dtype)
     return {
         "dense": lambda L: np.matmul(X, L.weight.T, out=out),
         "kernels.forward_batch": lambda L: kernels.forward_batch(L.weight, L.lora_a, L.lora_b,
@@ -54,7 +55,7 @@ def _cases(rows, n, m):
 
 def run(stack, rows, rounds, seed):
     m, n = stack[0].weight.shape
-    cases = _cases(rows, n, m)
+    cases = _cases(rows, n, m, stack[0].dtype)
     for call in cases.values():
         for layer in stack:
             call(layer)
@@ -80,9 +81,10 @@ def main():
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = p.parse_args()
     m, n = (int(v) for v in args.shape.split("x"))
-    stack = _layers(m, n, args.rank, args.layers)
+    stack = _layers(m, n, args.rank, args.layers, np.dtype(args.dtype))
     for k in range(args.runs):
         for rows in args.rows:
             dense, ratios = run(stack, rows, args.rounds if rows == 1 else args.rounds // 3, seed=k)
