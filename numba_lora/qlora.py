@@ -25,7 +25,8 @@ from ._validate import (as_factor, as_real_array, as_rng, check_alpha, check_fla
                         check_rank, check_scaling, check_shape)
 from .errors import LoraConfigError, LoraShapeError, LoraStateError, LoraTypeError, \
     LoraUnsupportedError
-from .kernels import qlora as qkernels
+from .kernels.qlora import (_forward_batch_nf4_dq_quiet, _forward_batch_nf4_quiet,
+                            _forward_nf4_dq_quiet, _forward_nf4_quiet)
 
 if TYPE_CHECKING:
     from .layer import LoraLinear
@@ -571,8 +572,10 @@ class QLoraLinear(LowRankFactors):
             out = self._output((B.shape[0],), out, (given, x), lean)
             scaling = self._scaling if self._enabled else 0.0
             if self._q.double_quant:
-                return qkernels.forward_nf4_dq(*self._kernel_args(), A, B, scaling, x, out)
-            return qkernels.forward_nf4(*self._kernel_args(), A, B, scaling, x, out)
+                _forward_nf4_dq_quiet(*self._kernel_args(), A, B, scaling, x, out)
+            else:
+                _forward_nf4_quiet(*self._kernel_args(), A, B, scaling, x, out)
+            return out
         finally:
             lock.release_read()
 
@@ -620,8 +623,10 @@ class QLoraLinear(LowRankFactors):
             out = self._output((X.shape[0], B.shape[0]), out, (given, X), lean)
             scaling = self._scaling if self._enabled else 0.0
             if self._q.double_quant:
-                return qkernels.forward_batch_nf4_dq(*self._kernel_args(), A, B, scaling, X, out)
-            return qkernels.forward_batch_nf4(*self._kernel_args(), A, B, scaling, X, out)
+                _forward_batch_nf4_dq_quiet(*self._kernel_args(), A, B, scaling, X, out)
+            else:
+                _forward_batch_nf4_quiet(*self._kernel_args(), A, B, scaling, X, out)
+            return out
         finally:
             lock.release_read()
 

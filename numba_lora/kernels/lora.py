@@ -12,7 +12,8 @@ from numba import njit, prange
 from .._config import EXACT_OPTIONS, JIT_OPTIONS
 from ..errors import LoraShapeError
 from ._blas import gemm_nt, gemv_n
-from ._guard import BLOCK_BYTES, BLOCK_ROWS, fma, fma_block4, guarded, prefetch, prefetch_read
+from ._guard import (BLOCK_BYTES, BLOCK_ROWS, fma, fma_block4, guarded, prefetch, prefetch_read,
+                     quiet)
 
 __all__ = [
     "forward",
@@ -160,6 +161,7 @@ def _forward_batch(W, A, B, scaling, X, out):
 
 _forward_batch_checked = guarded("forward_batch", _LORA + (("X", "f2"), ("out", "f2w")),
                                  _forward_batch)
+_forward_batch_quiet = quiet(_forward_batch_checked)
 
 
 @njit(**JIT_OPTIONS)
@@ -330,6 +332,7 @@ def _forward_stacked(WA, B, scaling, x, out):
 _forward_stacked_checked = guarded(
     "forward_stacked", (("WA", "f2"), ("B", "f2"), ("scaling", "real"), ("x", "f1"),
                         ("out", "f1w")), _forward_stacked)
+_forward_stacked_quiet = quiet(_forward_stacked_checked)
 
 
 @njit(**JIT_OPTIONS)
@@ -427,6 +430,7 @@ def _forward_batch_stacked(WA, B, scaling, X, out):
 _forward_batch_stacked_checked = guarded(
     "forward_batch_stacked", (("WA", "f2"), ("B", "f2"), ("scaling", "real"), ("X", "f2"),
                               ("out", "f2w")), _forward_batch_stacked)
+_forward_batch_stacked_quiet = quiet(_forward_batch_stacked_checked)
 
 
 @njit(**JIT_OPTIONS)

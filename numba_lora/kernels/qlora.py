@@ -66,7 +66,7 @@ from numba.extending import intrinsic
 from .._config import EXACT_OPTIONS, JIT_OPTIONS
 from ..errors import LoraShapeError
 from ._blas import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, _sgemm, gemm_nt, gemv_n
-from ._guard import guarded
+from ._guard import guarded, quiet
 from .qlora_tiles import build_tiles
 
 __all__ = ["forward_nf4", "forward_batch_nf4", "forward_nf4_dq", "forward_batch_nf4_dq",
@@ -847,6 +847,11 @@ _p_fwd = _CHECKED_PORTABLE["forward_nf4"]
 _p_fwd_batch = _CHECKED_PORTABLE["forward_batch_nf4"]
 _p_fwd_dq = _CHECKED_PORTABLE["forward_nf4_dq"]
 _p_fwd_batch_dq = _CHECKED_PORTABLE["forward_batch_nf4_dq"]
+# For QLoraLinear, which holds out already: the same kernels returning nothing.
+_forward_nf4_quiet = quiet(_c_fwd)
+_forward_batch_nf4_quiet = quiet(_c_fwd_batch)
+_forward_nf4_dq_quiet = quiet(_c_fwd_dq)
+_forward_batch_nf4_dq_quiet = quiet(_c_fwd_batch_dq)
 
 
 @njit(**JIT_OPTIONS)
