@@ -239,28 +239,31 @@ def _check_stacked(WA, B):
     return WA.shape[0] - rank, rank
 
 
-#: How far ahead of the row it is at, :func:`_add_low_rank_row` asks for B's cache lines.
+#: How far ahead of the row it is at, :func:`_low_rank_rows` asks for B's cache lines.
 LOW_RANK_PREFETCH_BYTES = 16384
 
 
 @njit(**JIT_OPTIONS)
-def _add_low_rank_row(y, B, s, out):
-    """``out = y[:m] + s * B @ y[m:]`` for one row; ``s`` is of out's dtype and non-zero."""
-    m, rank = B.shape
+def _low_rank_rows(y, t, B, s, out, r0, r1):
+    """``out[o] = y[o] + s * (B[o] . t)`` for ``r0 <= o < r1``; ``s`` of out's dtype.
+
+    ``y`` may be ``out`` itself: each element is read before it is written.
+    """
+    rank = B.shape[1]
     zero = out.dtype.type(0)
     # B comes from memory: the product before this pass streamed W through
     # the caches.  One thread's hardware prefetcher alone reads it at about
     # half the speed of asking for its lines a fixed distance ahead
     # (measured at 4096 x 16 float32 right after the gemv over [W; A]:
     # 15-20 us against 10-12 us, the gemv taking 1-1.3 ms).  Only hints:
-    # a prefetch never faults, and none is asked past B's end.
+    # a prefetch never faults, and none is asked past row r1.
     row_bytes = rank * B.itemsize
     base = np.int64(B.ctypes.data)  # signed: uintp + int would type as a float
-    end = base + m * row_bytes
-    ahead = base
-    o = 0
-    while o < m:
-        stop = min(o + 4, m)
+    end = base + r1 * row_bytes
+    ahead = base + r0 * row_bytes
+    o = r0
+    while o < r1:
+        stop = min(o + 4, r1)
         limit = min(base + stop * row_bytes + LOW_RANK_PREFETCH_BYTES, end)
         while ahead < limit:
             prefetch_read(ahead)
@@ -272,11 +275,11 @@ def _add_low_rank_row(y, B, s, out):
             a2 = zero
             a3 = zero
             for q in range(rank):
-                t = y[m + q]
-                a0 += B[o, q] * t
-                a1 += B[o + 1, q] * t
-                a2 += B[o + 2, q] * t
-                a3 += B[o + 3, q] * t
+                tq = t[q]
+                a0 += B[o, q] * tq
+                a1 += B[o + 1, q] * tq
+                a2 += B[o + 2, q] * tq
+                a3 += B[o + 3, q] * tq
             # Scaled after the sum, as BLAS applies alpha: scaling the
             # factors first could overflow where the product does not.
             out[o] = y[o] + s * a0
@@ -287,7 +290,7 @@ def _add_low_rank_row(y, B, s, out):
             for i in range(o, stop):
                 acc = zero
                 for q in range(rank):
-                    acc += B[i, q] * y[m + q]
+                    acc += B[i, q] * t[q]
                 out[i] = y[i] + s * acc
         o = stop
 
@@ -309,7 +312,7 @@ def _add_low_rank(Y, B, scaling, out):
         if s == 0:
             out[b, :] = Y[b, :m]
         else:
-            _add_low_rank_row(Y[b], B, s, out[b])
+            _low_rank_rows(Y[b, :m], Y[b, m:], B, s, out[b], 0, m)
 
 
 @njit(**JIT_OPTIONS)
