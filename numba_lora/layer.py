@@ -488,8 +488,8 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         try:
             out = self._output((W.shape[0],), out, (given, x), lean)
             # One gemv over [W; A] (W x and A x in one pass), then B t added
-            # in one serial pass: 0.99-1.01x the dense gemv at 4096 x 4096
-            # float32, against 1.01-1.02x for kernels.forward's three calls.
+            # in one serial pass: 1.004-1.018x the dense gemv at 4096 x 4096
+            # float32 (docs/performance.rst, "Decoding").
             _forward_stacked_quiet(self._WA, B, self._kernel_scaling(), x, out)
             return out
         finally:
