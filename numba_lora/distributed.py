@@ -31,6 +31,7 @@ from numpy.typing import ArrayLike
 
 from . import checkpoint
 from ._threads import set_num_threads
+from ._validate import check_flag
 from .errors import LoraEnvironmentError, LoraShapeError, LoraTypeError
 from .io.safetensors import as_path
 
@@ -139,16 +140,16 @@ def _check_threads(client, threads):
 
 
 # ------------------------------------------------------------------ merge
-def _write_shard_task(shard, plan, directory, threads):
+def _write_shard_task(shard, plan, directory, threads, sync):
     _use_threads(threads)
-    return checkpoint.write_shard(plan, shard, directory)
+    return checkpoint.write_shard(plan, shard, directory, sync=sync)
 
 
 def merge(client: distributed.Client, base: str | os.PathLike[str],
           adapter: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
           out: str | os.PathLike[str], *, dtype: str = "keep",
           weights: Sequence[float] | None = None, combination: str | None = None,
-          threads: int | None = None) -> checkpoint.MergeResult:
+          threads: int | None = None, sync: bool = True) -> checkpoint.MergeResult:
     """:func:`numba_lora.checkpoint.merge` with one Dask task per shard.
 
     Everything is checked on the client before any task starts (the same
@@ -185,6 +186,11 @@ def merge(client: distributed.Client, base: str | os.PathLike[str],
         ``"linear"``), as for :func:`numba_lora.checkpoint.merge`.
     threads : int or None
         Numba and BLAS threads per task; None: :func:`thread_counts`.
+    sync : bool
+        ``True`` (default): each worker has its shard on disk before it
+        renames it into place; ``False``: once its bytes are in the worker's
+        page cache, as for :func:`numba_lora.checkpoint.merge`.  A failure
+        leaves nothing half-written either way.
 
     Returns
     -------
@@ -196,7 +202,7 @@ def merge(client: distributed.Client, base: str | os.PathLike[str],
     LoraEnvironmentError
         If dask or distributed is not installed.
     LoraTypeError
-        If ``threads`` is not None or an int >= 1.
+        If ``threads`` is not None or an int >= 1, or ``sync`` is not a bool.
     LoraError
         Whatever :func:`numba_lora.checkpoint.merge` raises for these
         files, before any task starts.
@@ -215,6 +221,7 @@ def merge(client: distributed.Client, base: str | os.PathLike[str],
     """
     _dask()
     start = time.perf_counter()
+    sync = check_flag(sync, "sync")
     # Absolute paths: a worker's working directory need not be the client's.
     base, out = (as_path(p, what).absolute() for p, what in ((base, "base"), (out, "out")))
     if isinstance(adapter, (list, tuple)):
@@ -228,7 +235,7 @@ def merge(client: distributed.Client, base: str | os.PathLike[str],
     futures = []
     try:
         futures = [client.submit(_write_shard_task, shard, plan, str(output.staging), threads,
-                                 key=f"numba_lora-merge-{output.staging.name}-{k}", pure=False)
+                                 sync, key=f"numba_lora-merge-{output.staging.name}-{k}", pure=False)
                    for k, shard in enumerate(plan.shards)]
         _dask()[1].wait(futures)  # every task has ended, so none still writes when we clean up
         written = sum(client.gather(futures))

@@ -61,6 +61,25 @@ def test_merge_is_the_single_process_merge(client, tmp_path, model, tag):
         (alone.shards, alone.merged, alone.copied, alone.bytes)
 
 
+
+def test_unsynced_merge_is_the_same_files_and_reaches_the_workers(client, tmp_path, monkeypatch):
+    base, adapter = FIXTURES / "llama_bf16", FIXTURES / "llama_adapter"
+    with pytest.raises(LoraTypeError, match="sync must be True or False"):
+        distributed.merge(client, base, adapter, tmp_path / "refused", sync="no")
+    assert not (tmp_path / "refused").exists()
+    submitted = []
+    submit = client.submit
+
+    def recording_submit(function, *args, **kwargs):
+        submitted.append(args[-1])  # _write_shard_task(shard, plan, directory, threads, sync)
+        return submit(function, *args, **kwargs)
+
+    monkeypatch.setattr(client, "submit", recording_submit)
+    distributed.merge(client, base, adapter, tmp_path / "dask", sync=False)
+    assert submitted and set(submitted) == {False}
+    checkpoint.merge(base, adapter, tmp_path / "alone")
+    assert _files(tmp_path / "dask") == _files(tmp_path / "alone")
+
 def test_weighted_merge_is_the_single_process_merge(client, tmp_path):
     weighted = FIXTURES.parent / "peft_weighted"
     base, adapters = FIXTURES / "llama_bf16", [weighted / "adapter_c", weighted / "adapter_d"]

@@ -70,7 +70,7 @@ def test_layout_index_and_other_files_are_the_base_s(merged, model, tag):
         assert (out / name).read_bytes() == (base / name).read_bytes()
     assert set(result.shards) == set(json.loads((base / index).read_text())["weight_map"].values())
     for shard in result.shards:
-        (head, start), (base_head, base_start) = header(out / shard), header(base / shard)
+        (_, start), (_, base_start) = header(out / shard), header(base / shard)
         assert (out / shard).read_bytes()[:start] == (base / shard).read_bytes()[:base_start]
         assert (out / shard).stat().st_size == (base / shard).stat().st_size
         ours, theirs = raw_tensors(out / shard), raw_tensors(base / shard)
