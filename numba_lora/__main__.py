@@ -78,9 +78,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_leading_options(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A one-line usage error for an option before the command (``--threads 2``).
+
+    argparse would take the option's value for the command and answer
+    "invalid choice: '2'"; this names the command the option belongs to.
+    """
+    commands = next(a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for arg in argv:
+        if not arg.startswith("-") or arg == "-":
+            return  # the command (or a stray word argparse will name)
+        name = arg.split("=", 1)[0]
+        if name in p._option_string_actions:
+            continue
+        owners = [c for c, sub in commands.items() if name in sub._option_string_actions]
+        if owners:
+            p.error(f"{name} is an option of {' and '.join(repr(c) for c in owners)}: it goes "
+                    f"after the command (python -m numba_lora {owners[0]} {name} ...)")
+        p.error(f"unrecognized argument {name} (the demo takes no options; see --help)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits on --help, --version, errors)."""
-    args = parser().parse_args(argv)
+    p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_leading_options(p, argv)
+    args = p.parse_args(argv)
     if args.command is None:
         return demo()
     return args.handler(args)

@@ -79,6 +79,11 @@ def test_bench_main_alone_checks_the_same(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["frobnicate"], "invalid choice"),
     (["bench", "--frobnicate"], "unrecognized arguments"),
+    (["--threads", "2"], "--threads is an option of 'bench' and 'merge': it goes after the "
+                         "command (python -m numba_lora bench --threads ...)"),
+    (["--budget=2"], "--budget is an option of 'bench':"),
+    (["--no-sync", "merge"], "--no-sync is an option of 'merge':"),
+    (["--frobnicate"], "unrecognized argument --frobnicate (the demo takes no options"),
 ])
 def test_unknown_command_or_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
