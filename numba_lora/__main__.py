@@ -95,7 +95,7 @@ def _check_leading_options(p: argparse.ArgumentParser, argv: Sequence[str]) -> N
         if owners:
             p.error(f"{name} is an option of {' and '.join(repr(c) for c in owners)}: it goes "
                     f"after the command (python -m numba_lora {owners[0]} {name} ...)")
-        p.error(f"unrecognized argument {name} (the demo takes no options; see --help)")
+        p.error(f"unrecognized argument {name} (the demo takes no options)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,7 +83,7 @@ def test_bench_main_alone_checks_the_same(capsys):
                          "command (python -m numba_lora bench --threads ...)"),
     (["--budget=2"], "--budget is an option of 'bench':"),
     (["--no-sync", "merge"], "--no-sync is an option of 'merge':"),
-    (["--frobnicate"], "unrecognized argument --frobnicate (the demo takes no options"),
+    (["--frobnicate"], "unrecognized argument --frobnicate (the demo takes no options)"),
 ])
 def test_unknown_command_or_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

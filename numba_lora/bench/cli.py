@@ -205,6 +205,9 @@ def execute(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 p.error(f"argument --rank: rank {rank} exceeds min(OUT, IN) = "
                         f"{min(out_features, in_features)} of shape {out_features}x{in_features}")
     _check_memory(shapes, p)
+    if args.quant == "nf4" and "float32" not in args.dtype:
+        p.error(f"argument --quant: NF4 layers are float32 only; --dtype {','.join(args.dtype)} "
+                "would time none (add float32 to --dtype)")
     try:
         results = run(shapes=shapes, ranks=args.rank, dtypes=args.dtype, batches=args.batch,
                       threads=args.threads or [None], merge=not args.no_merge,

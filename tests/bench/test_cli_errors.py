@@ -45,6 +45,7 @@ def usage_error(argv, capsys):
     (["--budget", "nan"], "--budget: must be finite and > 0"),
     (["--budget", "inf"], "--budget: must be finite and > 0"),
     (["--quant", "nf8"], "invalid choice: 'nf8'"),
+    (["--quant", "nf4", "--dtype", "float64"], "--quant: NF4 layers are float32 only; --dtype float64 would time none"),
     (["--json", "/nonexistent-dir-numba-lora/x.json"], "no such directory"),
     (["--unknown"], "unrecognized arguments: --unknown"),
     (["extra"], "unrecognized arguments: extra"),
@@ -65,8 +66,8 @@ def test_bench_json_into_a_directory_or_a_file_as_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--threads", "2"], "invalid choice: '2'"),
+    (["--bogus"], "unrecognized argument --bogus (the demo takes no options)"),
+    (["--threads", "2"], "--threads is an option of 'bench' and 'merge'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_top_level_usage_errors(argv, match, capsys):
