@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 import numba_lora
 from numba_lora import _cache
 
@@ -61,23 +63,51 @@ def test_cache_follows_every_source_file(tmp_path):
     assert list(cache_dir.rglob("*.nbi"))
 
 
-def test_clear_cache_uses_the_directory_numba_uses(tmp_path, monkeypatch):
+CLEAR = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np
+    import numba_lora
+    from numba_lora import _cache, kernels
+    kernels.forward(np.ones((3, 4)), np.ones((1, 4)), np.ones((3, 1)), 1.0, np.ones(4),
+                    np.empty(3))
     dirs = _cache.cache_dirs()
     assert dirs, "no cached dispatcher found"
-    for directory in dirs:
-        assert directory.is_dir()
-    # A removable file of ours, and one that is not ours, in one of them.
-    directory = dirs[0]
-    ours = directory / "lora.some_kernel-1.py311.nbi"
-    other = directory / "keep.txt"
+    root = Path(sys.argv[1]).resolve()
+    assert all(d.resolve().is_relative_to(root) for d in dirs), dirs
+    # A removable file of ours, and one that is not ours, beside the real entries.
+    ours, other = dirs[0] / "lora.some_kernel-1.py311.nbi", dirs[0] / "keep.txt"
     ours.write_bytes(b"x")
     other.write_text("not Numba's")
-    try:
-        assert numba_lora.clear_cache() >= 1
-        assert not ours.exists()
-        assert other.exists()
-    finally:
-        other.unlink()
+    print(numba_lora.clear_cache(), ours.exists(), other.exists(),
+          sum(1 for d in dirs for p in d.glob("*.nb[ic]")))
+""")
+
+
+def test_clear_cache_uses_the_directory_numba_uses(tmp_path):
+    # In a fresh interpreter whose NUMBA_CACHE_DIR is a temporary directory:
+    # clearing the cache the suite itself runs on would make every later
+    # process (the hostile suite's subprocesses, CI's later passes) compile
+    # every kernel again.
+    cache_dir = tmp_path / "cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    result = subprocess.run([sys.executable, "-c", CLEAR, str(cache_dir)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    removed, ours_left, other_left, entries_left = result.stdout.split()
+    assert int(removed) >= 3  # ours, and the forward kernel's index and data
+    assert (ours_left, other_left, entries_left) == ("False", "True", "0")
+
+
+def test_cache_dirs_are_where_this_process_caches():
+    from numba_lora import kernels
+
+    kernels.forward(np.ones((3, 4)), np.ones((1, 4)), np.ones((3, 1)), 1.0, np.ones(4),
+                    np.empty(3))
+    dirs = _cache.cache_dirs()
+    here = Path(kernels.lora.forward._cache.cache_path)
+    assert here in dirs
+    assert any(here.glob("lora.forward-*.nbi"))
 
 
 def test_import_writes_no_files(tmp_path):
