@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._validate import check_out
+from ._validate import as_real_array, check_out, check_shape
 
 
 class FrozenWeight:
@@ -40,6 +40,7 @@ class LowRankFactors:
     The class provides ``set_lora_a`` / ``set_lora_b`` (what a new factor is
     converted to and how it is stored differs from layer to layer) and
     ``_held`` (the float arrays a forward reads, for the overlap check).
+    B's dtype is the layer's: inputs are converted to it, outputs made in it.
     """
 
     __slots__ = ()
@@ -101,6 +102,31 @@ class LowRankFactors:
     def is_enabled(self) -> bool:
         """bool: Whether the update takes part in the output."""
         return self._enabled
+
+    def _as_input(self, x, name):
+        """``x`` as a C-contiguous array of the layer's dtype (B's); real input only."""
+        return np.asarray(as_real_array(x, name, self._B.dtype), order="C")
+
+    def _forward_input(self, x, name, batch):
+        """``(array, usual)`` for a forward's input: 1-D, or 2-D rows when ``batch``.
+
+        ``usual``: ``x`` was already a C-contiguous ndarray of the layer's
+        dtype and shape, and is passed on as it came, past the conversion
+        helpers (decoding calls a forward right after the previous product
+        streamed a weight through the caches, where every Python line is a
+        cache miss).  Anything else is converted and checked, with the
+        messages naming ``name``.
+        """
+        in_features = self._A.shape[1]
+        if (type(x) is np.ndarray and x.dtype == self._B.dtype and x.ndim == 1 + batch
+                and x.shape[-1] == in_features and x.flags.c_contiguous):
+            return x, True
+        x = self._as_input(x, name)
+        if batch:
+            check_shape(x, (None, in_features), name, ("batch", "in_features"))
+        else:
+            check_shape(x, (in_features,), name, ("in_features",))
+        return x, False
 
     def _output(self, shape, out, inputs, usual=False):
         """``out`` checked, or a new array of B's dtype, for a forward of ``inputs``.

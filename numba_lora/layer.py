@@ -22,7 +22,6 @@ from ._lock import RWLock
 from ._validate import (
     as_array,
     as_factor,
-    as_real_array,
     as_rng,
     check_flag,
     checked_weight,
@@ -30,7 +29,6 @@ from ._validate import (
     check_out,
     check_rank,
     check_scaling,
-    check_shape,
     stacked_copy,
 )
 from .errors import (
@@ -435,10 +433,6 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         return self._scaling if self._enabled else 0.0
 
     # ---------------------------------------------------------------- forward
-    def _as_input(self, x, name):
-        array = as_real_array(x, name, self.dtype)
-        return np.asarray(array, order="C")
-
     def forward(self, x: ArrayLike, out: NDArray[np.floating] | None = None) -> NDArray[np.floating]:
         """Apply the layer to one vector.
 
@@ -476,13 +470,9 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         # after a 4096 x 4096 product).  The usual input (a C-contiguous 1-D
         # array of the layer's dtype) skips the conversion helpers; anything
         # else takes the general path with its messages.
-        W, B = self._W, self._B
         given = x
-        lean = (type(x) is np.ndarray and x.dtype == B.dtype and x.ndim == 1
-                and x.shape[0] == W.shape[1] and x.flags.c_contiguous)
-        if not lean:
-            x = self._as_input(x, "x")
-            check_shape(x, (self.in_features,), "x", ("in_features",))
+        x, lean = self._forward_input(x, "x", False)
+        W, B = self._W, self._B
         lock = self._lock
         lock.acquire_read()
         try:
@@ -529,13 +519,9 @@ class LoraLinear(FrozenWeight, LowRankFactors):
         # The same lean path as forward's for the usual input (a
         # C-contiguous 2-D array of the layer's dtype): decoding a few rows
         # per call runs this Python on caches the last product emptied.
-        W, B = self._W, self._B
         given = X
-        lean = (type(X) is np.ndarray and X.dtype == B.dtype and X.ndim == 2
-                and X.shape[1] == W.shape[1] and X.flags.c_contiguous)
-        if not lean:
-            X = self._as_input(X, "X")
-            check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        X, lean = self._forward_input(X, "X", True)
+        W, B = self._W, self._B
         lock = self._lock
         lock.acquire_read()
         try:

@@ -21,8 +21,8 @@ from numpy.typing import ArrayLike, NDArray
 from . import nf4
 from ._base import LowRankFactors
 from ._lock import RWLock
-from ._validate import (as_factor, as_real_array, as_rng, check_alpha, check_flag, check_out,
-                        check_rank, check_scaling, check_shape)
+from ._validate import (as_factor, as_rng, check_alpha, check_flag, check_out, check_rank,
+                        check_scaling)
 from .errors import LoraConfigError, LoraShapeError, LoraStateError, LoraTypeError, \
     LoraUnsupportedError
 from .kernels.qlora import (_forward_batch_nf4_dq_quiet, _forward_batch_nf4_quiet,
@@ -512,12 +512,16 @@ class QLoraLinear(LowRankFactors):
         return layer
 
     # ---------------------------------------------------------------- forward
-    def _as_input(self, x, name):
-        return np.asarray(as_real_array(x, name, _F32), order="C")
-
     def _held(self):
         """The float arrays a forward reads (for the overlap check of ``out``)."""
         return (self._A, self._B)
+
+    def _run(self, plain, double_quant, x, out):
+        """Run ``plain`` or ``double_quant``, the kernel for this layer's storage; return ``out``."""
+        scaling = self._scaling if self._enabled else 0.0
+        kernel = double_quant if self._q.double_quant else plain
+        kernel(*self._kernel_args(), self._A, self._B, scaling, x, out)
+        return out
 
     def _kernel_args(self):
         """Storage arguments for the kernels (before A, B, scaling)."""
@@ -559,23 +563,13 @@ class QLoraLinear(LowRankFactors):
         # LoraLinear.forward's lean path: decoding calls this right after the
         # previous layer's product emptied the caches.  The usual input (a
         # C-contiguous float32 vector) skips the conversion helpers.
-        A, B = self._A, self._B
         given = x
-        lean = (type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 1
-                and x.shape[0] == A.shape[1] and x.flags.c_contiguous)
-        if not lean:
-            x = self._as_input(x, "x")
-            check_shape(x, (self.in_features,), "x", ("in_features",))
+        x, lean = self._forward_input(x, "x", False)
         lock = self._lock
         lock.acquire_read()
         try:
-            out = self._output((B.shape[0],), out, (given, x), lean)
-            scaling = self._scaling if self._enabled else 0.0
-            if self._q.double_quant:
-                _forward_nf4_dq_quiet(*self._kernel_args(), A, B, scaling, x, out)
-            else:
-                _forward_nf4_quiet(*self._kernel_args(), A, B, scaling, x, out)
-            return out
+            out = self._output((self._B.shape[0],), out, (given, x), lean)
+            return self._run(_forward_nf4_quiet, _forward_nf4_dq_quiet, x, out)
         finally:
             lock.release_read()
 
@@ -610,23 +604,13 @@ class QLoraLinear(LowRankFactors):
         >>> layer.forward_batch(X).shape
         (3, 4)
         """
-        A, B = self._A, self._B
         given = X
-        lean = (type(X) is np.ndarray and X.dtype == _F32 and X.ndim == 2
-                and X.shape[1] == A.shape[1] and X.flags.c_contiguous)
-        if not lean:
-            X = self._as_input(X, "X")
-            check_shape(X, (None, self.in_features), "X", ("batch", "in_features"))
+        X, lean = self._forward_input(X, "X", True)
         lock = self._lock
         lock.acquire_read()
         try:
-            out = self._output((X.shape[0], B.shape[0]), out, (given, X), lean)
-            scaling = self._scaling if self._enabled else 0.0
-            if self._q.double_quant:
-                _forward_batch_nf4_dq_quiet(*self._kernel_args(), A, B, scaling, X, out)
-            else:
-                _forward_batch_nf4_quiet(*self._kernel_args(), A, B, scaling, X, out)
-            return out
+            out = self._output((X.shape[0], self._B.shape[0]), out, (given, X), lean)
+            return self._run(_forward_batch_nf4_quiet, _forward_batch_nf4_dq_quiet, X, out)
         finally:
             lock.release_read()
 
